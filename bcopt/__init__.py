@@ -1,0 +1,15 @@
+"""bcopt: bias-corrected preconditioned optimizers for JAX/Optax.
+
+Cross-fitting and variance-corrected inversion (arXiv:2605.20756) as optax
+gradient transformations taking microbatched gradients, plus bias-corrected
+iterate averaging (BEMA, arXiv:2508.00180).
+"""
+
+from bcopt._src.adam import ScaleByAdamBCState
+from bcopt._src.adam import adamw_bc
+from bcopt._src.adam import scale_by_adam_bc
+from bcopt._src.crossfit import cross_fit
+from bcopt._src.inverse import variance_correct_inverse
+from bcopt._src.microbatch import microbatch_mean
+from bcopt._src.wrappers import apply_if_finite
+from bcopt._src.wrappers import clip_by_global_norm

@@ -1,0 +1,277 @@
+"""Cross-fitting (SPEC section 1) for any diagonal preconditioner.
+
+:func:`cross_fit` combines a numerator and an inverted preconditioner built
+from independent microbatch groups, optionally with the variance-corrected
+inverse of SPEC section 2. The caller describes its optimizer by two pure
+functions of group means, so the same code serves Adam, Sophia and user
+preconditioners (RMSprop, Adagrad, ...).
+"""
+
+from typing import Any, Callable, Literal, Optional
+
+import jax
+import jax.numpy as jnp
+
+from bcopt._src import inverse
+from bcopt._src import microbatch
+
+PyTree = Any
+Scheme = Optional[Literal["twofold", "symmetric", "loo"]]
+SCHEMES = (None, "twofold", "symmetric", "loo")
+
+
+def check_scheme(cross_fit: Any, allowed=SCHEMES) -> None:
+  """Raises a ValueError for an unknown ``cross_fit`` value."""
+  if cross_fit not in allowed:
+    raise ValueError(f"cross_fit={cross_fit!r} is not one of {allowed}.")
+
+
+def check_microbatch_count(
+    mb: microbatch.Microbatches, scheme: Scheme, estimator: inverse.Estimator
+) -> None:
+  """Trace-time check that a scheme and estimator can use ``mb.total``."""
+  fix = (
+      "Stack more microbatch gradients along the leading axis"
+      " (jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, microbatches))"
+  )
+  if scheme is not None and mb.total < 2:
+    raise ValueError(
+        f"cross_fit={scheme!r} needs at least 2 microbatches, got"
+        f" {mb.describe()}. {fix}, or use cross_fit=None."
+    )
+  if estimator is None:
+    return
+  if scheme is None and mb.total < 2:
+    raise ValueError(
+        f"inverse_correction={estimator!r} estimates a variance from"
+        " microbatch variability and needs at least 2 microbatches in its"
+        f" preconditioner group, got {mb.describe()}. {fix}, or use"
+        " inverse_correction=None."
+    )
+  if scheme in ("twofold", "symmetric") and mb.total < 4:
+    raise ValueError(
+        f"cross_fit={scheme!r} with inverse_correction={estimator!r} splits"
+        f" the microbatches into groups of {mb.total // 2} and"
+        f" {mb.total - mb.total // 2} and needs at least 2 in each, so M >= 4;"
+        f" got {mb.describe()}. {fix}, use cross_fit='loo', or use"
+        " inverse_correction=None."
+    )
+
+
+def _upcast(tree: PyTree) -> PyTree:
+  return jax.tree.map(
+      lambda x: x.astype(microbatch.accumulation_dtype(x.dtype)), tree
+  )
+
+
+def _loo_mean(group_mean: PyTree, one: PyTree, n: int) -> PyTree:
+  """Mean of a group of ``n`` without one member: ``(n m - x) / (n - 1)``."""
+  return jax.tree.map(lambda m, x: (n * m - x) / (n - 1), group_mean, one)
+
+
+def denominator_spread(
+    denominator_fn: Callable[[PyTree], PyTree],
+    stats: PyTree,
+    group_mean: PyTree,
+    mb: microbatch.Microbatches,
+    group: str,
+    *,
+    loo: bool,
+) -> PyTree:
+  r"""Spread :math:`S=\sum_{j \in G}(x_j-\bar x)^2` of a group's denominators.
+
+  ``x_j`` is the leave-one-out denominator
+  :math:`p((n \bar s_G - s_j)/(n-1))` when ``loo`` and the hypothetical
+  per-microbatch denominator :math:`p(s_j)` otherwise. Sums are shifted by
+  the group's own denominator :math:`p(\bar s_G)` so the result is accurate
+  (and exactly zero for identical microbatches) in float32.
+
+  Args:
+    denominator_fn: the preconditioner denominator of a statistic mean.
+    stats: microbatched preconditioner statistics.
+    group_mean: the group's mean statistic :math:`\bar s_G`.
+    mb: the microbatch layout.
+    group: ``"all"``, ``"first"`` or ``"second"``.
+    loo: leave-one-out values (True) or per-microbatch values (False).
+
+  Returns:
+    The spread tree (param-shaped, non-negative).
+  """
+  n = microbatch.group_size(mb, group)
+  center = denominator_fn(group_mean)
+
+  def deviations(s_j):
+    s_j = _upcast(s_j)
+    x = denominator_fn(_loo_mean(group_mean, s_j, n) if loo else s_j)
+    d = jax.tree.map(jnp.subtract, x, center)
+    return d, jax.tree.map(jnp.square, d)
+
+  s1, s2 = microbatch.sum_over_microbatches(
+      deviations, stats, weights=microbatch.group_weights(mb, group),
+      axis_name=mb.axis_name,
+  )
+  return jax.tree.map(lambda a, b: jnp.maximum(b - a * a / n, 0.0), s1, s2)
+
+
+def _multiply(numerator: PyTree, inverse_: PyTree) -> PyTree:
+  return jax.tree.map(jnp.multiply, numerator, inverse_)
+
+
+def cross_fit(
+    updates: PyTree,
+    numerator_fn: Callable[[PyTree], PyTree],
+    denominator_fn: Callable[[PyTree], PyTree],
+    *,
+    scheme: Scheme = "loo",
+    inverse_correction: inverse.Estimator = "jackknife",
+    exponent: float = 1.0,
+    stats: Optional[PyTree] = None,
+    combine: Optional[Callable[[PyTree, PyTree], PyTree]] = None,
+    axis_name: Optional[str] = None,
+) -> PyTree:
+  r"""A cross-fitted, optionally variance-corrected, diagonal update.
+
+  A preconditioned update is :math:`u = N(a) \cdot f(p(s))` with numerator
+  input :math:`a` (a mean gradient), preconditioner statistic :math:`s` and
+  :math:`f(p) = p^{-1/e}`. Estimating both from the same microbatches biases
+  :math:`u`; ``scheme`` takes them from independent groups:
+
+  .. math::
+
+    \begin{array}{ll}
+    \texttt{None}: & N(\bar g)\, \tilde f(p(\bar s)) \\
+    \texttt{"twofold"}: & N(\bar g_A)\, \tilde f(p(\bar s_B)) \\
+    \texttt{"symmetric"}: & \tfrac12\big[N(\bar g_A)\tilde f(p(\bar s_B))
+        + N(\bar g_B)\tilde f(p(\bar s_A))\big] \\
+    \texttt{"loo"}: & \tfrac1M \sum_r N(g_r)\, \tilde f(p(\bar s_{-r}))
+    \end{array}
+
+  with group A the first :math:`\lfloor M/2 \rfloor` microbatches, B the rest,
+  :math:`\bar s_{-r} = (M \bar s - s_r)/(M-1)`, and :math:`\tilde f` the
+  :func:`bcopt.variance_correct_inverse` of each group's denominator (clamped
+  per fold), whose variance :math:`V` comes from ``inverse_correction``:
+
+  * ``"jackknife"``: :math:`V = \frac{n-1}{n}\sum_j (p_{(-j)} - \bar p)^2`
+    over the ``n`` leave-one-out denominators of the group (for LOO these are
+    the fold denominators themselves);
+  * ``"paper"`` (the reference code): :math:`\mathrm{svar}(p_j)/n` of
+    per-microbatch denominators :math:`p_j = p(s_j)`, or
+    :math:`\mathrm{svar}_r(p_{(-r)})` for LOO;
+  * ``None``: the plain inverse.
+
+  ``numerator_fn`` and ``denominator_fn`` are pure, elementwise functions of
+  param-shaped trees (they may close over optimizer state); persistent state
+  stays the caller's business and should be updated from the full batch
+  (:func:`bcopt.microbatch_mean`). All reductions run over the leading
+  microbatch axis and, with ``axis_name``, over the named axis.
+
+  Args:
+    updates: microbatched gradients (every leaf ``(M_local,) + shape``): the
+      numerator inputs.
+    numerator_fn: :math:`N`, a map from a (group) mean gradient tree to the
+      numerator tree, e.g. Adam's :math:`\hat m(a)`.
+    denominator_fn: :math:`p`, a map from a (group) mean statistic tree to a
+      positive denominator tree, e.g. :math:`\sqrt{\hat v(s)} + \epsilon`.
+      For Adam-like methods it squares its input.
+    scheme: ``None``, ``"twofold"``, ``"symmetric"`` or ``"loo"``.
+    inverse_correction: ``None``, ``"jackknife"`` or ``"paper"``.
+    exponent: :math:`e` of :math:`f(p) = p^{-1/e}` (1 for a divided update).
+    stats: microbatched preconditioner statistics if they differ from
+      ``updates`` (Sophia's curvature estimates); defaults to ``updates``.
+    combine: how a numerator and an inverse make a fold's update (default:
+      elementwise product; Sophia clips it). Applied per fold before folds
+      are averaged.
+    axis_name: the named microbatch axis, or None.
+
+  Returns:
+    The param-shaped update (float32 or higher; cast it to your dtype).
+
+  Raises:
+    ValueError: at trace time when there are too few microbatches for the
+      scheme or the estimator.
+
+  Examples:
+    A bias-corrected RMSprop direction (state ``nu``; decay 0.9):
+
+    >>> import jax, jax.numpy as jnp, bcopt
+    >>> nu = {"w": jnp.full((3,), 0.1)}
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (8, 3))}  # M = 8
+    >>> u = bcopt.cross_fit(
+    ...     grads,
+    ...     numerator_fn=lambda g: g,
+    ...     denominator_fn=lambda s: jax.tree.map(
+    ...         lambda v, x: jnp.sqrt(0.9 * v + 0.1 * x**2) + 1e-8, nu, s),
+    ...     scheme="loo", inverse_correction="jackknife")
+    >>> u["w"].shape
+    (3,)
+
+  References:
+    Nayak et al., 2026, arXiv:2605.20756.
+  """
+  check_scheme(scheme)
+  inverse.check_estimator(inverse_correction)
+  combine = _multiply if combine is None else combine
+  stats = updates if stats is None else stats
+  same_stats = stats is updates
+  mb = microbatch.layout(updates, axis_name)
+  stats_mb = microbatch.layout(stats, axis_name)
+  if stats_mb.local != mb.local or (
+      jax.tree.structure(stats) != jax.tree.structure(updates)):
+    raise ValueError(
+        "The preconditioner statistics must have the structure and"
+        f" microbatch count of the gradients: got {stats_mb.describe()} and"
+        f" {jax.tree.structure(stats)} for {mb.describe()} and"
+        f" {jax.tree.structure(updates)}."
+    )
+  check_microbatch_count(mb, scheme, inverse_correction)
+  loo_values = scheme == "loo" or inverse_correction == "jackknife"
+
+  def corrected_inverse(group: str, group_mean: PyTree) -> PyTree:
+    """f~ of one preconditioner group's denominator."""
+    p = denominator_fn(group_mean)
+    if inverse_correction is None:
+      return inverse.variance_correct_inverse(p, exponent=exponent)
+    spread = denominator_spread(
+        denominator_fn, stats, group_mean, mb, group, loo=loo_values)
+    variance = inverse.variance_from_spread(
+        spread, microbatch.group_size(mb, group), inverse_correction,
+        loo=loo_values)
+    return inverse.variance_correct_inverse(p, variance, exponent=exponent)
+
+  def group_means(tree: PyTree, group: str) -> PyTree:
+    return microbatch.mean(tree, axis_name, group)
+
+  if scheme is None:
+    s_bar = group_means(stats, "all")
+    g_bar = s_bar if same_stats else group_means(updates, "all")
+    return combine(numerator_fn(g_bar), corrected_inverse("all", s_bar))
+
+  if scheme in ("twofold", "symmetric"):
+    s_a, s_b = group_means(stats, "first"), group_means(stats, "second")
+    g_a, g_b = (s_a, s_b) if same_stats else (
+        group_means(updates, "first"), group_means(updates, "second"))
+    u_ab = combine(numerator_fn(g_a), corrected_inverse("second", s_b))
+    if scheme == "twofold":
+      return u_ab
+    u_ba = combine(numerator_fn(g_b), corrected_inverse("first", s_a))
+    return jax.tree.map(lambda x, y: 0.5 * (x + y), u_ab, u_ba)
+
+  # Leave-one-out: fold r has numerator g_r and preconditioner "all but r";
+  # the jackknife/paper variance is the spread of the fold denominators.
+  m = mb.total
+  s_bar = group_means(stats, "all")
+  variance = None
+  if inverse_correction is not None:
+    spread = denominator_spread(
+        denominator_fn, stats, s_bar, mb, "all", loo=True)
+    variance = inverse.variance_from_spread(
+        spread, m, inverse_correction, loo=True)
+
+  def fold(g_r, s_r):
+    p = denominator_fn(_loo_mean(s_bar, _upcast(s_r), m))
+    inv = inverse.variance_correct_inverse(p, variance, exponent=exponent)
+    return combine(numerator_fn(_upcast(g_r)), inv)
+
+  total = microbatch.sum_over_microbatches(
+      fold, updates, stats, axis_name=axis_name)
+  return jax.tree.map(lambda x: x / m, total)
