@@ -218,3 +218,51 @@ class TestBadInput:
     with pytest.raises(ValueError, match="share one microbatch axis"):
       tx.update({"a": jnp.ones((4, 3)), "b": jnp.ones((5, 2))},
                 tx.init(params))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+_STEP = {}
+
+
+def _jitted(scheme, estimator):
+  key = (scheme, estimator)
+  if key not in _STEP:
+    tx = bcopt.scale_by_adam_bc(B1, B2, EPS, cross_fit=scheme,
+                                inverse_correction=estimator)
+    _STEP[key] = (tx, jax.jit(tx.update))
+  return _STEP[key]
+
+
+@settings(max_examples=25, deadline=None)
+@given(hnp.arrays(np.float32, (8, 6),
+                  elements=st.floats(-3, 3, width=32)),
+       st.sampled_from([None, "twofold"]),
+       st.sampled_from(["jackknife", "paper"]))
+def test_property_correction_shrinks_single_fold_updates(g, scheme, estimator):
+  params = {"w": jnp.zeros(6)}
+  tx, corrected = _jitted(scheme, estimator)
+  _, plain = _jitted(scheme, None)
+  state = tx.init(params)
+  warm = {"w": jnp.ones((8, 6))}
+  _, state = plain(warm, state, params)
+  u, _ = corrected({"w": jnp.asarray(g)}, state, params)
+  v, _ = plain({"w": jnp.asarray(g)}, state, params)
+  u, v = np.asarray(u["w"]), np.asarray(v["w"])
+  assert np.all(u * v >= 0)
+  assert np.all(np.abs(u) <= np.abs(v) * (1 + 1e-6) + 1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(hnp.arrays(np.float32, (6,), elements=st.floats(-3, 3, width=32)),
+       st.sampled_from(SCHEMES), st.sampled_from(ESTIMATORS))
+def test_property_identical_microbatches_no_correction(g, scheme, estimator):
+  params = {"w": jnp.zeros(6)}
+  tx, step = _jitted(scheme, estimator)
+  _, standard = _jitted(None, None)
+  stacked = {"w": jnp.asarray(np.tile(g, (8, 1)))}
+  state = tx.init(params)
+  u, _ = step(stacked, state, params)
+  v, _ = standard(stacked, state, params)
+  np.testing.assert_allclose(u["w"], v["w"], rtol=1e-5, atol=1e-6)
