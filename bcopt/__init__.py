@@ -11,5 +11,10 @@ from bcopt._src.adam import scale_by_adam_bc
 from bcopt._src.crossfit import cross_fit
 from bcopt._src.inverse import variance_correct_inverse
 from bcopt._src.microbatch import microbatch_mean
+from bcopt._src.sophia import ScaleBySophiaBCState
+from bcopt._src.sophia import gnb_diag
+from bcopt._src.sophia import hutchinson_diag
+from bcopt._src.sophia import scale_by_sophia_bc
+from bcopt._src.sophia import sophia_bc
 from bcopt._src.wrappers import apply_if_finite
 from bcopt._src.wrappers import clip_by_global_norm

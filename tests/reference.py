@@ -85,3 +85,35 @@ def adam_bc_run(grad_steps, b1, b2, eps, scheme, estimator):
     mu = b1 * mu + (1 - b1) * gbar
     nu = b2 * nu + (1 - b2) * gbar ** 2
   return outputs, (mu, nu)
+
+
+def sophia_bc_run(grad_steps, curvature_steps, b1, b2, rho, eps, clip, scheme,
+                  estimator):
+  """SPEC section 4 over several steps.
+
+  curvature_steps[t] is an (M, ...) array on refresh steps, None otherwise.
+  Returns the list of updates and the final (mu, h, inv).
+  """
+  mu = np.zeros(grad_steps[0].shape[1:])
+  h = np.zeros_like(mu)
+  inv = np.full_like(mu, 1.0 / eps)
+  clipped = lambda n, i: np.clip(n * i, -clip, clip)
+  outputs = []
+  for g, r in zip(grad_steps, curvature_steps):
+    g = np.asarray(g, np.float64)
+    gbar = g.mean(axis=0)
+    numerator = lambda a, mu=mu: b1 * mu + (1 - b1) * a
+    if r is None:
+      outputs.append(clipped(numerator(gbar), inv))
+    else:
+      r = np.asarray(r, np.float64)
+      denominator = lambda s, h=h: rho * (b2 * h + (1 - b2) * s) + eps
+      outputs.append(cross_fit_update(numerator, denominator, g, r, scheme,
+                                      estimator, combine=clipped))
+      p = denominator(r.mean(axis=0))
+      v = None if estimator is None else group_variance(denominator, r,
+                                                        estimator)
+      inv = corrected_inverse(p, v)
+      h = b2 * h + (1 - b2) * r.mean(axis=0)
+    mu = b1 * mu + (1 - b1) * gbar
+  return outputs, (mu, h, inv)

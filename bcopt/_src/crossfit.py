@@ -113,6 +113,45 @@ def denominator_spread(
   return jax.tree.map(lambda a, b: jnp.maximum(b - a * a / n, 0.0), s1, s2)
 
 
+def group_inverse(
+    denominator_fn: Callable[[PyTree], PyTree],
+    stats: PyTree,
+    group_mean: PyTree,
+    mb: microbatch.Microbatches,
+    group: str,
+    estimator: inverse.Estimator,
+    *,
+    exponent: float = 1.0,
+    loo: Optional[bool] = None,
+) -> PyTree:
+  """The (corrected) inverse of one preconditioner group's denominator.
+
+  Args:
+    denominator_fn: the preconditioner denominator of a statistic mean.
+    stats: microbatched preconditioner statistics.
+    group_mean: the group's mean statistic.
+    mb: the microbatch layout.
+    group: ``"all"``, ``"first"`` or ``"second"``.
+    estimator: ``None``, ``"jackknife"`` or ``"paper"``.
+    exponent: :math:`e` of :math:`f(p) = p^{-1/e}`.
+    loo: whether the variance comes from leave-one-out denominators; by
+      default those of the jackknife (the ``"paper"`` estimator then uses
+      per-microbatch denominators).
+
+  Returns:
+    :math:`\tilde f(p(\bar s_G))`, clamped at zero.
+  """
+  p = denominator_fn(group_mean)
+  if estimator is None:
+    return inverse.variance_correct_inverse(p, exponent=exponent)
+  loo = estimator == "jackknife" if loo is None else loo
+  spread = denominator_spread(
+      denominator_fn, stats, group_mean, mb, group, loo=loo)
+  variance = inverse.variance_from_spread(
+      spread, microbatch.group_size(mb, group), estimator, loo=loo)
+  return inverse.variance_correct_inverse(p, variance, exponent=exponent)
+
+
 def _multiply(numerator: PyTree, inverse_: PyTree) -> PyTree:
   return jax.tree.map(jnp.multiply, numerator, inverse_)
 
@@ -227,16 +266,9 @@ def cross_fit(
   loo_values = scheme == "loo" or inverse_correction == "jackknife"
 
   def corrected_inverse(group: str, group_mean: PyTree) -> PyTree:
-    """f~ of one preconditioner group's denominator."""
-    p = denominator_fn(group_mean)
-    if inverse_correction is None:
-      return inverse.variance_correct_inverse(p, exponent=exponent)
-    spread = denominator_spread(
-        denominator_fn, stats, group_mean, mb, group, loo=loo_values)
-    variance = inverse.variance_from_spread(
-        spread, microbatch.group_size(mb, group), inverse_correction,
-        loo=loo_values)
-    return inverse.variance_correct_inverse(p, variance, exponent=exponent)
+    return group_inverse(
+        denominator_fn, stats, group_mean, mb, group, inverse_correction,
+        exponent=exponent, loo=loo_values)
 
   def group_means(tree: PyTree, group: str) -> PyTree:
     return microbatch.mean(tree, axis_name, group)
