@@ -11,6 +11,9 @@ from bcopt._src.adam import scale_by_adam_bc
 from bcopt._src.crossfit import cross_fit
 from bcopt._src.inverse import variance_correct_inverse
 from bcopt._src.microbatch import microbatch_mean
+from bcopt._src.shampoo import ScaleByShampooBCState
+from bcopt._src.shampoo import scale_by_shampoo_bc
+from bcopt._src.shampoo import shampoo_bc
 from bcopt._src.sophia import ScaleBySophiaBCState
 from bcopt._src.sophia import gnb_diag
 from bcopt._src.sophia import hutchinson_diag

@@ -117,3 +117,60 @@ def sophia_bc_run(grad_steps, curvature_steps, b1, b2, rho, eps, clip, scheme,
       h = b2 * h + (1 - b2) * r.mean(axis=0)
     mu = b1 * mu + (1 - b1) * gbar
   return outputs, (mu, h, inv)
+
+
+def shampoo_bc_run(grad_steps, b1, b2, damping, exponent, every, scheme,
+                   estimator):
+  """SPEC section 5 for one matrix over several steps, unblocked.
+
+  grad_steps: list of (M, d1, d2) arrays. The eigenvalue variance is
+  computed the explicit way: each leave-one-out (jackknife) or
+  per-microbatch ("paper") factor is formed as a d x d matrix and
+  projected on the eigenbasis. Returns the list of updates and the final
+  (mom, L, R, PL, PR).
+  """
+  d1, d2 = grad_steps[0].shape[1:]
+  mom, left, right = np.zeros((d1, d2)), np.zeros((d1, d1)), np.zeros((d2, d2))
+  left_root, right_root = np.eye(d1), np.eye(d2)
+  outer = (lambda x: x @ x.T, lambda x: x.T @ x)
+
+  def roots(factors, group):
+    """Candidate corrected roots of `factors` updated with `group`'s mean."""
+    out = []
+    for factor, stat in zip(factors, outer):
+      candidate = lambda x, f=factor, s=stat: (
+          b2 * f + (1 - b2) * s(x) + damping * np.eye(len(f)))
+      l, q = np.linalg.eigh(candidate(group.mean(axis=0)))
+      l = np.maximum(l, damping)
+      v = None
+      if estimator is not None:
+        eig = lambda x, q=q, c=candidate: np.diag(q.T @ c(x) @ q)
+        v = group_variance(eig, group, estimator)
+      out.append(q @ np.diag(corrected_inverse(l, v, exponent)) @ q.T)
+    return out
+
+  outputs = []
+  for t, g in enumerate(grad_steps, start=1):
+    g = np.asarray(g, np.float64)
+    m = len(g)
+    gbar = g.mean(axis=0)
+    mom_c = lambda a: b1 * mom + (1 - b1) * a
+    if (t - 1) % every == 0:
+      a, b = g[: m // 2], g[m // 2:]
+      if scheme is None:
+        pl, pr = roots((left, right), g)
+        u = pl @ mom_c(gbar) @ pr
+      else:
+        pl, pr = roots((left, right), b)
+        u = pl @ mom_c(a.mean(axis=0)) @ pr
+        if scheme == "symmetric":
+          pl, pr = roots((left, right), a)
+          u = 0.5 * (u + pl @ mom_c(b.mean(axis=0)) @ pr)
+      left_root, right_root = roots((left, right), g)
+      left = b2 * left + (1 - b2) * gbar @ gbar.T
+      right = b2 * right + (1 - b2) * gbar.T @ gbar
+    else:
+      u = left_root @ mom_c(gbar) @ right_root
+    outputs.append(u)
+    mom = b1 * mom + (1 - b1) * gbar
+  return outputs, (mom, left, right, left_root, right_root)

@@ -1,0 +1,384 @@
+"""Shampoo-BC against the numpy restatement of SPEC section 5."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bcopt
+import reference
+from bcopt._src import shampoo
+from named_axis import AXIS, MAPPINGS, run_mapped
+
+SCHEMES = [None, "twofold", "symmetric"]
+ESTIMATORS = [None, "jackknife", "paper"]
+B1, B2, DAMPING, EXPONENT = 0.9, 0.95, 1e-3, 4
+FALLBACK_B2, FALLBACK_EPS = 0.999, 1e-8
+
+
+def _steps(seed, shape, steps=5, m=8, noise=0.7):
+  rng = np.random.default_rng(seed)
+  signal = rng.normal(size=shape)
+  return [signal + noise * rng.normal(size=(m,) + shape) for _ in range(steps)]
+
+
+def _run(tx, steps, name="w", params=None):
+  """Jitted updates of a one-leaf tree; returns updates and the last state."""
+  params = params or {name: jnp.zeros(steps[0].shape[1:], jnp.float32)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  outs = []
+  for g in steps:
+    u, state = update({name: jnp.asarray(g, jnp.float32)}, state, params)
+    outs.append(np.asarray(u[name], np.float64))
+  return outs, state
+
+
+def _tiles(x, rows, cols):
+  """The (row slice, col slice) tiles of the last two axes of x."""
+  return [x[..., r, c] for r in rows for c in cols]
+
+
+def _assert_close(got, expected, rtol=1e-3, atol=1e-5, msg=""):
+  np.testing.assert_allclose(got, expected, rtol=rtol,
+                             atol=atol * np.max(np.abs(expected)) + 1e-12,
+                             err_msg=msg)
+
+
+def test_standard_shampoo_matches_eigh_formula():
+  """cross_fit=None, no correction: textbook Shampoo with cached roots."""
+  rng = np.random.default_rng(0)
+  lr, wd, every, shape = 0.1, 0.01, 3, (5, 3)
+  params = {"w": jnp.asarray(rng.normal(size=shape), jnp.float32)}
+  tx = bcopt.shampoo_bc(lr, B1, B2, DAMPING, wd, precondition_every=every,
+                        cross_fit=None, inverse_correction=None)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  w = np.asarray(params["w"], np.float64)
+  mom, left, right = np.zeros(shape), np.zeros((5, 5)), np.zeros((3, 3))
+
+  def inv_root(factor):
+    l, q = np.linalg.eigh(factor + DAMPING * np.eye(len(factor)))
+    return q @ np.diag(l ** -0.25) @ q.T
+
+  for t, g in enumerate(_steps(1, shape, steps=7), start=1):
+    gbar = g.mean(axis=0)
+    if (t - 1) % every == 0:
+      left = B2 * left + (1 - B2) * gbar @ gbar.T
+      right = B2 * right + (1 - B2) * gbar.T @ gbar
+      pl, pr = inv_root(left), inv_root(right)
+    mom = B1 * mom + (1 - B1) * gbar
+    w = w - lr * (pl @ mom @ pr + wd * w)
+    u, state = update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    params = optax.apply_updates(params, u)
+    _assert_close(np.asarray(params["w"]), w, rtol=1e-4, msg=f"step {t}")
+  assert int(state[0].count) == 7
+
+
+@pytest.mark.parametrize("estimator", ["jackknife", "paper"])
+def test_eigenvalue_variance_shortcut_equals_explicit_projection(estimator):
+  """Cached roots after a root step with a nonzero prior factor.
+
+  The numpy restatement forms every leave-one-out / per-microbatch factor
+  as a d x d matrix and projects it; bcopt uses row norms of Q^T G.
+  """
+  shape, m = (5, 4), 16
+  steps = _steps(2, shape, steps=2, m=m, noise=1.5)
+  _, ref = reference.shampoo_bc_run(steps, B1, B2, DAMPING, EXPONENT, 1,
+                                    None, estimator)
+  _, plain = reference.shampoo_bc_run(steps, B1, B2, DAMPING, EXPONENT, 1,
+                                      None, None)
+  tx = bcopt.scale_by_shampoo_bc(B1, B2, DAMPING, precondition_every=1,
+                                 cross_fit=None, inverse_correction=estimator)
+  _, state = _run(tx, steps)
+  for got, expected, uncorrected in [
+      (state.left_root["w"][0], ref[3], plain[3]),
+      (state.right_root["w"][0], ref[4], plain[4])]:
+    _assert_close(np.asarray(got), expected, msg=estimator)
+    # the correction is far larger than the tolerance
+    scale = np.max(np.abs(expected))
+    assert np.max(np.abs(expected - uncorrected)) > 0.05 * scale
+
+
+@pytest.mark.parametrize("scheme,estimator",
+                         list(itertools.product(SCHEMES, ESTIMATORS)))
+def test_matches_numpy_restatement(scheme, estimator):
+  """Root steps (t = 1, 3, 5) and cached steps, every scheme x estimator."""
+  steps = _steps(3, (4, 3))
+  expected, (mom, left, right, pl, pr) = reference.shampoo_bc_run(
+      steps, B1, B2, DAMPING, EXPONENT, 2, scheme, estimator)
+  tx = bcopt.scale_by_shampoo_bc(B1, B2, DAMPING, precondition_every=2,
+                                 cross_fit=scheme,
+                                 inverse_correction=estimator)
+  got, state = _run(tx, steps)
+  for t, (a, b) in enumerate(zip(got, expected), start=1):
+    _assert_close(a, b, msg=f"step {t}")
+  np.testing.assert_allclose(state.mu["w"], mom, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.left["w"][0], left, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(state.right["w"][0], right, rtol=1e-5, atol=1e-7)
+  _assert_close(np.asarray(state.left_root["w"][0]), pl)
+  _assert_close(np.asarray(state.right_root["w"][0]), pr)
+
+
+def test_factors_change_on_root_steps_only():
+  steps = _steps(4, (3, 3), steps=4)
+  tx = bcopt.scale_by_shampoo_bc(precondition_every=3)
+  params = {"w": jnp.zeros((3, 3))}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  history = []
+  for g in steps:
+    _, state = update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    history.append(np.asarray(state.left["w"]))
+  changed = [not np.array_equal(a, b) for a, b in zip(history, history[1:])]
+  assert changed == [False, False, True]  # steps 2, 3 cached; step 4 a root
+
+
+@pytest.mark.parametrize("scheme,estimator",
+                         [(None, None), ("twofold", "jackknife")])
+def test_blocking_reproduces_unblocked_on_block_diagonal_problem(
+    scheme, estimator):
+  blocks = _steps(5, (2, 3, 3))
+  steps = [np.zeros((8, 6, 6)) for _ in blocks]
+  for s, b in zip(steps, blocks):
+    s[:, :3, :3], s[:, 3:, 3:] = b[:, 0], b[:, 1]
+  expected, _ = reference.shampoo_bc_run(steps, B1, B2, DAMPING, EXPONENT, 2,
+                                         scheme, estimator)
+  tx = bcopt.scale_by_shampoo_bc(B1, B2, DAMPING, precondition_every=2,
+                                 block_size=3, cross_fit=scheme,
+                                 inverse_correction=estimator)
+  got, state = _run(tx, steps)
+  assert state.left["w"].shape == (4, 3, 3)
+  for t, (a, b) in enumerate(zip(got, expected), start=1):
+    _assert_close(a, b, msg=f"step {t}")
+
+
+@pytest.mark.parametrize("scheme,estimator",
+                         [(None, None), ("symmetric", "jackknife")])
+def test_uneven_blocks_are_padded_without_effect(scheme, estimator):
+  """(7, 7) with block_size 4: tiles 4 + 3 (one padded row/col)."""
+  steps = _steps(6, (7, 7))
+  tx = bcopt.scale_by_shampoo_bc(B1, B2, DAMPING, precondition_every=2,
+                                 block_size=4, cross_fit=scheme,
+                                 inverse_correction=estimator)
+  got, state = _run(tx, steps)
+  assert state.left["w"].shape == (4, 4, 4)
+  cuts = [slice(0, 4), slice(4, 7)]
+  per_tile = [reference.shampoo_bc_run(
+      tile_steps, B1, B2, DAMPING, EXPONENT, 2, scheme, estimator)[0]
+              for tile_steps in zip(*[_tiles(s, cuts, cuts) for s in steps])]
+  for t, g in enumerate(got):
+    for k, tile in enumerate(_tiles(g, cuts, cuts)):
+      _assert_close(tile, per_tile[k][t], msg=f"step {t + 1} tile {k}")
+
+
+def test_graft_rescales_each_tile_to_adam_norm():
+  scheme, estimator = "twofold", "jackknife"
+  steps = _steps(7, (6, 4))
+  tx = bcopt.scale_by_shampoo_bc(B1, B2, DAMPING, precondition_every=2,
+                                 block_size=3, graft="adam", cross_fit=scheme,
+                                 inverse_correction=estimator)
+  got, _ = _run(tx, steps)
+  rows, cols = [slice(0, 3), slice(3, 6)], [slice(0, 2), slice(2, 4)]
+  adam_dirs, _ = reference.adam_bc_run(steps, B1, FALLBACK_B2, FALLBACK_EPS,
+                                       scheme, estimator)
+  shampoo_dirs = [reference.shampoo_bc_run(
+      tile_steps, B1, B2, DAMPING, EXPONENT, 2, scheme, estimator)[0]
+                  for tile_steps in zip(*[_tiles(s, rows, cols)
+                                          for s in steps])]
+  for t, g in enumerate(got):
+    pairs = zip(_tiles(g, rows, cols), _tiles(adam_dirs[t], rows, cols))
+    for k, (tile, adam_tile) in enumerate(pairs):
+      direction = shampoo_dirs[k][t]
+      expected = direction * np.linalg.norm(adam_tile) / np.linalg.norm(
+          direction)
+      _assert_close(tile, expected, msg=f"step {t + 1} tile {k}")
+      np.testing.assert_allclose(np.linalg.norm(tile),
+                                 np.linalg.norm(adam_tile), rtol=1e-4)
+
+
+@pytest.mark.parametrize("graft", [None, "adam"])
+def test_fallback_leaves_equal_adamw_bc(graft):
+  scheme, estimator = "symmetric", "paper"
+  big = shampoo.MAX_PRECONDITIONED_DIM + 1
+  shapes = {"w": (4, 3), "b": (3,), "s": (), "row": (1, 5), "big": (2, big)}
+  rng = np.random.default_rng(8)
+  steps = [{k: 0.3 + rng.normal(size=(8,) + s) for k, s in shapes.items()}
+           for _ in range(3)]
+  params = {k: jnp.zeros(s) for k, s in shapes.items()}
+  tx = bcopt.scale_by_shampoo_bc(B1, B2, DAMPING, precondition_every=2,
+                                 graft=graft, cross_fit=scheme,
+                                 inverse_correction=estimator)
+  adam = bcopt.scale_by_adam_bc(B1, FALLBACK_B2, FALLBACK_EPS,
+                                cross_fit=scheme, inverse_correction=estimator)
+  fallback = ["b", "s", "row", "big"]
+  state = tx.init(params)
+  adam_state = adam.init({k: params[k] for k in fallback})
+  for k in fallback:
+    assert state.left[k] == optax.MaskedNode()
+  for g in steps:
+    g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g)
+    u, state = jax.jit(tx.update)(g, state, params)
+    u_adam, adam_state = jax.jit(adam.update)({k: g[k] for k in fallback},
+                                              adam_state)
+    chex.assert_trees_all_close({k: u[k] for k in fallback}, u_adam,
+                                rtol=1e-4, atol=1e-7)
+  for k in fallback:
+    expected, _ = reference.adam_bc_run([s[k] for s in steps], B1,
+                                        FALLBACK_B2, FALLBACK_EPS, scheme,
+                                        estimator)
+    _assert_close(np.asarray(u[k]), expected[-1], rtol=2e-4, atol=2e-5)
+  direction, _ = reference.shampoo_bc_run([s["w"] for s in steps], B1, B2,
+                                          DAMPING, EXPONENT, 2, scheme,
+                                          estimator)
+  if graft is None:
+    _assert_close(np.asarray(u["w"]), direction[-1])
+
+
+def test_rank3_parameter_merges_leading_axes():
+  steps = _steps(9, (6, 4), steps=3)
+  tx = bcopt.scale_by_shampoo_bc(precondition_every=2, block_size=4)
+  flat, flat_state = _run(tx, steps)
+  cube, cube_state = _run(tx, [s.reshape(8, 2, 3, 4) for s in steps])
+  assert cube_state.left["w"].shape == (2, 3, 3)  # rows 6 -> 2 tiles of 3
+  assert cube_state.right["w"].shape == (2, 4, 4)
+  for a, b in zip(cube, flat):
+    np.testing.assert_allclose(a.reshape(6, 4), b, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(cube_state.left, flat_state.left)
+
+
+def test_nonfinite_decomposition_keeps_cached_roots():
+  """An overflowing gradient in one tile: that tile keeps its factors."""
+  params = {"w": jnp.zeros((4, 2))}
+  tx = bcopt.scale_by_shampoo_bc(precondition_every=1, block_size=2,
+                                 cross_fit="twofold")
+  state = tx.init(params)
+  good = _steps(10, (4, 2), steps=2)
+  update = jax.jit(tx.update)
+  _, state = update({"w": jnp.asarray(good[0], jnp.float32)}, state, params)
+  crafted = good[1].copy()
+  crafted[:, 0, 0] = 1e25  # finite, but its square overflows float32
+  u, new = update({"w": jnp.asarray(crafted, jnp.float32)}, state, params)
+  chex.assert_tree_all_finite(u)
+  chex.assert_tree_all_finite(new)
+  for field in ["left", "right", "left_root", "right_root"]:
+    before, after = getattr(state, field)["w"], getattr(new, field)["w"]
+    np.testing.assert_array_equal(after[0], before[0])  # poisoned tile kept
+    assert not np.allclose(after[1], before[1])  # the other tile refreshed
+  # the poisoned tile's update used the cached roots
+  mom = 0.9 * np.asarray(state.mu["w"]) + 0.1 * crafted[:4].mean(0)
+  expected = (np.asarray(state.left_root["w"][0]) @ mom[:2]
+              @ np.asarray(state.right_root["w"][0]))
+  np.testing.assert_allclose(u["w"][:2], expected, rtol=1e-5)
+
+
+def test_identical_microbatches_give_the_standard_update():
+  """No microbatch variability: no correction, and every scheme agrees."""
+  g = np.random.default_rng(11).normal(size=(4, 3))
+  steps = [np.tile(g, (8, 1, 1))] * 3
+  expected, _ = reference.shampoo_bc_run(steps, B1, B2, DAMPING, EXPONENT, 2,
+                                         None, None)
+  for scheme, estimator in [("twofold", "jackknife"), ("symmetric", "paper"),
+                            (None, "jackknife")]:
+    tx = bcopt.scale_by_shampoo_bc(B1, B2, DAMPING, precondition_every=2,
+                                   cross_fit=scheme,
+                                   inverse_correction=estimator)
+    got, _ = _run(tx, steps)
+    for a, b in zip(got, expected):
+      _assert_close(a, b)
+
+
+def test_no_retracing_across_root_and_cached_steps():
+  params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+  tx = bcopt.scale_by_shampoo_bc(precondition_every=2, graft="adam")
+  rng = np.random.default_rng(12)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(g, s):
+    return tx.update(g, s, params)
+
+  state = tx.init(params)
+  for _ in range(5):
+    g = jax.tree.map(lambda p: jnp.asarray(
+        rng.normal(size=(4,) + p.shape), jnp.float32), params)
+    _, state = step(g, state)
+  assert int(state.count) == 5
+  chex.clear_trace_counter()
+
+
+@pytest.mark.parametrize("mapping", MAPPINGS)
+def test_named_axis_equals_stacked(mapping):
+  """Symmetric (both group assignments) with graft (the Adam path too)."""
+  scheme, estimator, graft = "symmetric", "jackknife", "adam"
+  params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+  rng = np.random.default_rng(13)
+  grads = [jax.tree.map(lambda p: jnp.asarray(
+      0.5 + rng.normal(size=(8,) + p.shape), jnp.float32), params)
+           for _ in range(2)]
+  make = lambda axis: bcopt.scale_by_shampoo_bc(
+      precondition_every=2, block_size=3, graft=graft, cross_fit=scheme,
+      inverse_correction=estimator, axis_name=axis)
+  stacked, named = make(None), make(AXIS)
+  s_ref = s = stacked.init(params)
+  step = jax.jit(lambda g_, s_, _: named.update(g_, s_, params))
+  for g in grads:  # a root step, then a cached one
+    u_ref, s_ref = jax.jit(stacked.update)(g, s_ref, params)
+    u, s = run_mapped(mapping, step, g, s)
+    chex.assert_trees_all_close(u, u_ref, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(s, s_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_dtypes():
+  params = {"w": jnp.ones((4, 3), jnp.bfloat16), "b": jnp.ones(3, jnp.bfloat16)}
+  tx = bcopt.shampoo_bc(1e-2, graft="adam")
+  state = tx.init(params)
+  inner = state[0]
+  assert inner.mu["w"].dtype == inner.left["w"].dtype == jnp.float32
+  assert inner.nu["b"].dtype == inner.left_root["w"].dtype == jnp.float32
+  g = jax.tree.map(lambda p: jnp.asarray(np.random.default_rng(0).normal(
+      size=(4,) + p.shape), jnp.bfloat16), params)
+  u, state = jax.jit(tx.update)(g, state, params)
+  assert u["w"].dtype == u["b"].dtype == jnp.bfloat16
+  chex.assert_tree_all_finite(u)
+  low = bcopt.scale_by_shampoo_bc(mu_dtype=jnp.bfloat16).init(params)
+  assert low.mu["w"].dtype == jnp.bfloat16
+
+
+class TestBadInput:
+
+  def test_loo_explains_the_cost(self):
+    with pytest.raises(ValueError, match="one eigendecomposition per"):
+      bcopt.scale_by_shampoo_bc(cross_fit="loo")
+    with pytest.raises(ValueError, match="one eigendecomposition per"):
+      bcopt.shampoo_bc(1e-3, cross_fit="loo")
+
+  @pytest.mark.parametrize("kwargs,match", [
+      ({"cross_fit": "threefold"}, "is not one of"),
+      ({"inverse_correction": "delta"}, "is not one of"),
+      ({"graft": "sgd"}, "graft='sgd' is not one of"),
+      ({"damping": 0.0}, "damping must be positive"),
+      ({"exponent": 0}, "exponent must be positive"),
+      ({"precondition_every": 0}, "precondition_every must be"),
+      ({"precondition_every": 2.5}, "precondition_every must be"),
+      ({"block_size": 1}, "block_size must be"),
+  ])
+  def test_construction(self, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+      bcopt.scale_by_shampoo_bc(**kwargs)
+
+  def test_too_few_microbatches(self):
+    tx = bcopt.scale_by_shampoo_bc(cross_fit="twofold")
+    params = {"w": jnp.zeros((3, 3))}
+    with pytest.raises(ValueError, match="M >= 4"):
+      tx.update({"w": jnp.ones((2, 3, 3))}, tx.init(params), params)
+
+  def test_missing_microbatch_axis(self):
+    tx = bcopt.scale_by_shampoo_bc(cross_fit=None, inverse_correction=None)
+    params = {"w": jnp.zeros((3, 3))}
+    with pytest.raises(ValueError, match="expected \\(3, 3, 3\\)"):
+      tx.update({"w": jnp.ones((3, 3))}, tx.init(params), params)
