@@ -178,12 +178,12 @@ def test_uneven_blocks_are_padded_without_effect(scheme, estimator):
 
 def test_graft_rescales_each_tile_to_adam_norm():
   scheme, estimator = "twofold", "jackknife"
-  steps = _steps(7, (6, 4))
+  steps = _steps(7, (7, 4))
   tx = bcopt.scale_by_shampoo_bc(B1, B2, DAMPING, precondition_every=2,
-                                 block_size=3, graft="adam", cross_fit=scheme,
+                                 block_size=4, graft="adam", cross_fit=scheme,
                                  inverse_correction=estimator)
   got, _ = _run(tx, steps)
-  rows, cols = [slice(0, 3), slice(3, 6)], [slice(0, 2), slice(2, 4)]
+  rows, cols = [slice(0, 4), slice(4, 7)], [slice(0, 4)]  # one padded row
   adam_dirs, _ = reference.adam_bc_run(steps, B1, FALLBACK_B2, FALLBACK_EPS,
                                        scheme, estimator)
   shampoo_dirs = [reference.shampoo_bc_run(

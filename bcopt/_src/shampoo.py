@@ -174,6 +174,18 @@ def _where_tiles(ok: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
   return jnp.where(ok[:, None, None], new, old)
 
 
+def _graft(u: jax.Array, reference: jax.Array, t: _Tiling) -> jax.Array:
+  """Rescales each tile of ``u`` to the Frobenius norm of ``reference``'s."""
+  if t.padded:  # padded entries of u are ~0; make them exactly 0
+    pad_l, pad_r = _padding(t)
+    u = u * ((1 - pad_l)[:, :, None] * (1 - pad_r)[:, None, :])
+  u_norm = jnp.sqrt(jnp.sum(u * u, axis=(-2, -1), keepdims=True))
+  r_norm = jnp.sqrt(jnp.sum(reference * reference, axis=(-2, -1),
+                            keepdims=True))
+  safe = jnp.where(u_norm > 0, u_norm, 1.0)
+  return u * jnp.where(u_norm > 0, r_norm / safe, 0.0)
+
+
 def _group_members(stats, mb: microbatch.Microbatches, group: str):
   """The microbatches of a group as ``(stats, layout, group)``.
 
@@ -271,6 +283,18 @@ def scale_by_shampoo_bc(
   estimator), computed by the fallback's code from the shared momentum and
   Adam's ``nu``. Parameters that are not eligible get that AdamW-BC
   direction itself.
+
+  Parameter layout (static, from the shapes): a parameter of rank
+  :math:`\ge 2` is the matrix ``(prod(shape[:-1]), shape[-1])`` (leading
+  axes merged); it is eligible when both dimensions are in
+  ``[2, MAX_PRECONDITIONED_DIM]`` (16384), otherwise (scalars, vectors,
+  vocabulary-sized dimensions) it takes the AdamW-BC fallback. A dimension
+  :math:`d` > ``block_size`` is split into :math:`n = \lceil d /
+  \mathrm{block\_size} \rceil` tiles of :math:`\lceil d/n \rceil` (the last
+  zero-padded by fewer than :math:`n` rows). An ``n1 x n2`` grid of
+  ``t1 x t2`` tiles holds :math:`2 n_1 n_2 (t_1^2 + t_2^2)` floats of
+  factors and cached roots, about four times the parameter for square
+  tiles, plus the momentum.
 
   Args:
     b1: :math:`\beta_1`, momentum decay (shared with the fallback's Adam).
@@ -400,10 +424,11 @@ def scale_by_shampoo_bc(
       eigen.append((eig_l, eig_r))
       tiles.append(x)
 
+    floored = [tuple(jnp.maximum(e.eigenvalues, damping) for e in pair)
+               for pair in eigen]
     if inverse_correction is None:
-      roots = [tuple(inverse.variance_correct_inverse(
-          jnp.maximum(e.eigenvalues, damping), exponent=exponent)
-                     for e in pair) for pair in eigen]
+      roots = [tuple(inverse.variance_correct_inverse(l, exponent=exponent)
+                     for l in pair) for pair in floored]
     else:
       # l_(-j)k = base_k + (1 - b2) ||row_k(Q^T X_(-j))||^2 with
       # base_k = b2 (Q^T L Q)_kk + damping = l_k - (1 - b2) ||row_k(Q^T X)||^2.
@@ -415,6 +440,8 @@ def scale_by_shampoo_bc(
 
       def eigenvalues(means):
         """Eigenvalue estimates in the fixed eigenbases from group means."""
+        if means is group_mean:  # the group's own: the eigenvalues themselves
+          return floored
         out = []
         for s, t, (eig_l, eig_r), (base_l, base_r) in zip(
             means, tilings, eigen, bases):
@@ -516,17 +543,9 @@ def scale_by_shampoo_bc(
       is_root = (count - 1) % precondition_every == 0
       u_tiles, factors = jax.lax.cond(is_root, refresh, cached)
       for i, u in zip(idx, u_tiles):
-        t = tilings[i]
         if graft == "adam":
-          if t.padded:
-            pad_l, pad_r = _padding(t)
-            u = u * ((1 - pad_l)[:, :, None] * (1 - pad_r)[:, None, :])
-          a = _to_tiles(adam_dirs[i], t)
-          u_norm = jnp.sqrt(jnp.sum(u * u, axis=(-2, -1), keepdims=True))
-          a_norm = jnp.sqrt(jnp.sum(a * a, axis=(-2, -1), keepdims=True))
-          u = u * jnp.where(u_norm > 0, a_norm / jnp.where(
-              u_norm > 0, u_norm, 1.0), 0.0)
-        directions[i] = _from_tiles(u, t)
+          u = _graft(u, _to_tiles(adam_dirs[i], tilings[i]), tilings[i])
+        directions[i] = _from_tiles(u, tilings[i])
     else:
       factors = []
     for i in adam_idx:
