@@ -105,6 +105,24 @@ def test_eigenvalue_variance_shortcut_equals_explicit_projection(estimator):
     assert np.max(np.abs(expected - uncorrected)) > 0.05 * scale
 
 
+def test_correction_only_shrinks_the_roots():
+  """Same eigenbasis, each d_k in [0, l_k^(-1/e)]: 0 <= PL_corr <= PL."""
+  steps = _steps(14, (6, 5), steps=1, noise=2.0)
+  roots = {}
+  for estimator in [None, "jackknife"]:
+    tx = bcopt.scale_by_shampoo_bc(B1, B2, DAMPING, cross_fit=None,
+                                   inverse_correction=estimator)
+    _, state = _run(tx, steps)
+    roots[estimator] = [np.asarray(state.left_root["w"][0], np.float64),
+                        np.asarray(state.right_root["w"][0], np.float64)]
+  for plain, corrected in zip(roots[None], roots["jackknife"]):
+    tol = 1e-5 * np.max(np.abs(plain))
+    assert np.linalg.eigvalsh(corrected).min() >= -tol
+    assert np.linalg.eigvalsh(plain - corrected).min() >= -tol
+    assert np.linalg.eigvalsh(plain - corrected).max() > 0.01 * np.max(
+        np.abs(plain))
+
+
 @pytest.mark.parametrize("scheme,estimator",
                          list(itertools.product(SCHEMES, ESTIMATORS)))
 def test_matches_numpy_restatement(scheme, estimator):
