@@ -8,6 +8,11 @@ iterate averaging (BEMA, arXiv:2508.00180).
 from bcopt._src.adam import ScaleByAdamBCState
 from bcopt._src.adam import adamw_bc
 from bcopt._src.adam import scale_by_adam_bc
+from bcopt._src.averaging import BEMAState
+from bcopt._src.averaging import EMAState
+from bcopt._src.averaging import bema
+from bcopt._src.averaging import bema_params
+from bcopt._src.averaging import ema
 from bcopt._src.crossfit import cross_fit
 from bcopt._src.inverse import variance_correct_inverse
 from bcopt._src.microbatch import microbatch_mean
