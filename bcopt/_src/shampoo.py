@@ -147,16 +147,17 @@ def _eigh(factor: jax.Array, diagonal: jax.Array):
   return jnp.linalg.eigh(0.5 * (matrix + jnp.swapaxes(matrix, -1, -2)))
 
 
-def _row_norms(q: jax.Array, x: jax.Array) -> jax.Array:
-  """``||row_k(Q^T X)||^2`` for every tile: shape ``(n, t1)``."""
-  y = jnp.einsum("nik,nij->nkj", q, x, precision=_HIGHEST)
-  return jnp.sum(y * y, axis=-1)
+def _projected_norms(q_l: jax.Array, x: jax.Array,
+                     q_r: jax.Array) -> jax.Array:
+  """``||row_k(Q_L^T X)||^2`` then ``||col_k(X Q_R)||^2``: ``(n, t1 + t2)``.
 
-
-def _col_norms(x: jax.Array, q: jax.Array) -> jax.Array:
-  """``||col_k(X Q)||^2`` for every tile: shape ``(n, t2)``."""
-  y = jnp.einsum("nij,njk->nik", x, q, precision=_HIGHEST)
-  return jnp.sum(y * y, axis=-2)
+  Both are read off ``Z = Q_L^T X Q_R`` (orthogonal ``Q_R`` keeps row norms,
+  orthogonal ``Q_L`` column norms): one chain of two products and one
+  result, so a per-microbatch term needs O(1) tile buffers.
+  """
+  z = jnp.einsum("nik,nij,njl->nkl", q_l, x, q_r, precision=_HIGHEST)
+  z = z * z
+  return jnp.concatenate([jnp.sum(z, axis=-1), jnp.sum(z, axis=-2)], axis=-1)
 
 
 def _root(q: jax.Array, d: jax.Array) -> jax.Array:
@@ -424,44 +425,42 @@ def scale_by_shampoo_bc(
       eigen.append((eig_l, eig_r))
       tiles.append(x)
 
-    floored = [tuple(jnp.maximum(e.eigenvalues, damping) for e in pair)
-               for pair in eigen]
+    # Each leaf's spectra as one (n, t1 + t2) vector: L's eigenvalues, then
+    # R's. One array per leaf and microbatch keeps each microbatch's term
+    # a single chain, so XLA frees its buffers before the next one.
+    spectra = [jnp.maximum(jnp.concatenate(
+        [eig_l.eigenvalues, eig_r.eigenvalues], axis=-1), damping)
+               for eig_l, eig_r in eigen]
     if inverse_correction is None:
-      roots = [tuple(inverse.variance_correct_inverse(l, exponent=exponent)
-                     for l in pair) for pair in floored]
+      roots = inverse.variance_correct_inverse(spectra, exponent=exponent)
     else:
       # l_(-j)k = base_k + (1 - b2) ||row_k(Q^T X_(-j))||^2 with
       # base_k = b2 (Q^T L Q)_kk + damping = l_k - (1 - b2) ||row_k(Q^T X)||^2.
-      bases = []
-      for (eig_l, eig_r), x in zip(eigen, tiles):
-        bases.append((
-            eig_l.eigenvalues - (1 - b2) * _row_norms(eig_l.eigenvectors, x),
-            eig_r.eigenvalues - (1 - b2) * _col_norms(x, eig_r.eigenvectors)))
+      bases = [
+          jnp.concatenate([eig_l.eigenvalues, eig_r.eigenvalues], axis=-1)
+          - (1 - b2) * _projected_norms(eig_l.eigenvectors, x,
+                                        eig_r.eigenvectors)
+          for (eig_l, eig_r), x in zip(eigen, tiles)]
 
       def eigenvalues(means):
         """Eigenvalue estimates in the fixed eigenbases from group means."""
         if means is group_mean:  # the group's own: the eigenvalues themselves
-          return floored
-        out = []
-        for s, t, (eig_l, eig_r), (base_l, base_r) in zip(
-            means, tilings, eigen, bases):
-          x = _to_tiles(s, t)
-          out.append((
-              jnp.maximum(base_l + (1 - b2) * _row_norms(eig_l.eigenvectors, x),
-                          damping),
-              jnp.maximum(base_r + (1 - b2) * _col_norms(x, eig_r.eigenvectors),
-                          damping)))
-        return out
+          return spectra
+        return [
+            jnp.maximum(base + (1 - b2) * _projected_norms(
+                eig_l.eigenvectors, _to_tiles(s, t), eig_r.eigenvectors),
+                        damping)
+            for s, t, (eig_l, eig_r), base in zip(means, tilings, eigen, bases)]
 
       roots = crossfit.group_inverse(
           eigenvalues, stats, group_mean, mb, group, inverse_correction,
           exponent=exponent)
 
     return [
-        (l_c, r_c, _root(eig_l.eigenvectors, d_l),
-         _root(eig_r.eigenvectors, d_r))
-        for (l_c, r_c), (eig_l, eig_r), (d_l, d_r) in zip(
-            candidates, eigen, roots)]
+        (l_c, r_c, _root(eig_l.eigenvectors, d[..., :t.row_size]),
+         _root(eig_r.eigenvectors, d[..., t.row_size:]))
+        for (l_c, r_c), (eig_l, eig_r), d, t in zip(
+            candidates, eigen, roots, tilings)]
 
   def update_fn(updates, state, params=None):
     mb = microbatch.layout(updates, axis_name, params)
