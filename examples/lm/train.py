@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="vocabulary size (default: the corpus's, 256 for bytes)")
   a("--steps", type=int, default=1000, help="total optimizer steps")
   a("--microbatches", type=int, default=8, help="M microbatches per step")
-  a("--microbatch-size", type=int, default=4, help="B sequences each")
+  a("--microbatch-size", type=int, default=2, help="B sequences each")
   a("--seq-len", type=int, default=128, help="T tokens per sequence")
   a("--lr", type=float, default=3e-3, help="peak learning rate")
   a("--warmup", type=int, default=20, help="linear warm-up steps from 0")
