@@ -1,0 +1,183 @@
+"""The logic of benchmarks/lm_quality.py, with a fake trainer (no training)."""
+
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import lm_quality as lq  # pylint: disable=g-import-not-at-top
+
+from examples.lm import train  # pylint: disable=g-import-not-at-top
+
+SETTING = lq.Setting(steps=7)
+ARM_OFFSET = {"std": 0.0, "bc": -0.03, "cf": -0.02, "inv": 0.01, "paper": 0.0}
+
+
+def arm_of(args) -> str:
+  """Inverts lm_quality.arm_flags through train.py's own parser."""
+  if not args.optimizer.endswith("_bc"):
+    return "std"
+  return {(None, None): "bc", (None, "none"): "cf", ("none", None): "inv",
+          }.get((args.cross_fit, args.inverse_correction), "paper")
+
+
+class FakeTrainer:
+  """train.main stand-in: a loss bowl in log(lr) around ``best_lr``."""
+
+  def __init__(self, best_lr=3e-3, diverge_above=math.inf):
+    self.best_lr, self.diverge_above, self.calls = best_lr, diverge_above, []
+
+  def __call__(self, argv):
+    args = train.parse_args(argv)
+    self.calls.append(argv)
+    if args.lr > self.diverge_above:
+      raise FloatingPointError("loss is nan")
+    loss = (2.0 + math.log(args.lr / self.best_lr) ** 2
+            + ARM_OFFSET[arm_of(args)] + 0.001 * args.seed + args.noise)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "train_loss": loss + 1 / s,
+                    **({"val_loss": loss + 1 / s} if s % 3 == 0 or s == 7
+                       else {})}) + "\n" for s in range(1, 8)))
+    return {"final_val_loss": loss, "final_eval_loss": loss + 0.1,
+            "tokens": 7 * 2048, "wall_s": 1.0}
+
+
+def run_with(trainer, results, runs_dir):
+  return lambda cell: lq.run_cell(cell, SETTING, results, runs_dir,
+                                  runner=trainer)
+
+
+def test_paired_difference_matches_numpy():
+  rng = np.random.default_rng(0)
+  a = dict(enumerate(rng.normal(2.0, 0.1, 6)))
+  b = dict(enumerate(rng.normal(2.0, 0.1, 6)))
+  a[6] = 1.0                 # seed without a partner: not paired
+  b[5] = None                # diverged: not paired
+  p = lq.paired(a, b)
+  d = np.array([a[s] - b[s] for s in range(5)])
+  assert p["n"] == 5 and p["seeds"] == [0, 1, 2, 3, 4]
+  np.testing.assert_allclose(p["mean"], d.mean(), rtol=1e-12)
+  np.testing.assert_allclose(p["se"], np.sqrt(np.var(d, ddof=1) / 5),
+                             rtol=1e-12)
+  assert p["improved"] == int(np.sum(d < 0))
+  assert lq.paired({0: 1.0}, {0: 2.0})["se"] is None
+  assert lq.paired({0: 1.0}, {1: 2.0}) is None
+
+
+@pytest.mark.parametrize("arm", lq.MAIN_ARMS + lq.ABLATIONS)
+@pytest.mark.parametrize("family", lq.FAMILIES)
+def test_command_template_parses_to_the_cell(family, arm):
+  cell = lq.Cell(family, arm, 1.5e-3, 2, noise=0.2)
+  command = cell.command(SETTING)
+  assert command.startswith("python -m examples.lm.train ")
+  assert command.count("{out}") == 1
+  args = train.parse_args(lq.command_argv(command, "/tmp/x"))
+  assert arm_of(args) == arm and args.optimizer.split("_")[0] == family
+  assert (args.lr, args.seed, args.noise, args.out) == (1.5e-3, 2, 0.2, "/tmp/x")
+  assert (args.steps, args.microbatches, args.preset) == (7, 8, "tiny")
+  if arm == "paper":
+    assert args.inverse_correction == "paper"
+    assert args.cross_fit == ("loo" if family == "adamw" else "twofold")
+  factory, kwargs = train.optimizer_kwargs(args)
+  del factory
+  on = (kwargs["cross_fit"] is not None, kwargs["inverse_correction"] is not None)
+  assert on == {"std": (False, False), "bc": (True, True), "cf": (True, False),
+                "inv": (False, True), "paper": (True, True)}[arm]
+
+
+def test_cells_in_the_results_file_are_skipped(tmp_path):
+  results = tmp_path / "r.json"
+  trainer = FakeTrainer()
+  run = run_with(trainer, results, tmp_path / "runs")
+  first = run(lq.Cell("adamw", "bc", 3e-3, 1))
+  assert len(trainer.calls) == 1 and first["final_val_loss"] is not None
+  again = run(lq.Cell("adamw", "bc", 3e-3, 1))
+  assert len(trainer.calls) == 1 and again == first
+  run(lq.Cell("adamw", "bc", 3e-3, 2))          # another seed runs
+  run(lq.Cell("adamw", "bc", 3e-3, 1, noise=0.2))   # another data set runs
+  assert len(trainer.calls) == 3
+  other = lq.Setting(steps=8)                   # other settings are other cells
+  assert lq.find(lq.load_runs(results), lq.Cell("adamw", "bc", 3e-3, 1),
+                 other) is None
+  runs = lq.load_runs(results)
+  assert len(runs) == 3
+  assert {r["data"] for r in runs} == {"shakespeare", "shakespeare-noise0.2"}
+  curves = json.loads(lq.curves_path(results).read_text())
+  val = curves[first_name(runs[0])]["val"]
+  assert [s for s, _ in val] == [3, 6, 7]
+  np.testing.assert_allclose([v for _, v in val], [
+      runs[0]["final_val_loss"] + 1 / s for s in (3, 6, 7)], atol=1e-5)
+
+
+def first_name(record):
+  return lq.Cell(record["family"], record["variant"], record["lr"],
+                 record["seed"], 0.0 if record["data"] == "shakespeare"
+                 else 0.2).name
+
+
+def test_diverged_runs_are_recorded_and_lose(tmp_path):
+  results = tmp_path / "r.json"
+  trainer = FakeTrainer(best_lr=6e-3, diverge_above=7e-3)
+  run = run_with(trainer, results, tmp_path / "runs")
+  best, grid = lq.choose_lr("adamw", "std", SETTING, run)
+  assert best == 6e-3 and max(grid) == 1.2e-2
+  bad = lq.find(lq.load_runs(results), lq.Cell("adamw", "std", 1.2e-2, 0),
+                SETTING)
+  assert bad["status"] == "diverged" and bad["final_eval_loss"] is None
+
+
+@pytest.mark.parametrize("best_lr,expected", [(3e-3, 3e-3), (0.7e-3, 7.5e-4),
+                                              (1e-1, 2.4e-2)])
+def test_lr_search_brackets_the_optimum(tmp_path, best_lr, expected):
+  trainer = FakeTrainer(best_lr=best_lr)
+  run = run_with(trainer, tmp_path / "r.json", tmp_path / "runs")
+  best, grid = lq.choose_lr("adamw", "bc", SETTING, run)
+  assert best == expected
+  assert len(grid) >= 3
+  if best_lr < 0.05:         # within the extension budget: strictly inside
+    assert grid[0] < best < grid[-1]
+  else:                      # budget exhausted: the edge, reported as such
+    assert best == grid[-1] and len(grid) == 3 + lq.MAX_EXTEND
+
+
+def test_family_grid_and_report(tmp_path):
+  results = tmp_path / "r.json"
+  trainer = FakeTrainer(best_lr=3e-3)
+  run = run_with(trainer, results, tmp_path / "runs")
+  lq.run_family("adamw", SETTING, 3, run, noise=True)
+  runs = lq.load_runs(results)
+  # 3 grid values x 2 arms + 2 more seeds x 2 arms + 3 ablations x 3 seeds
+  # + 2 noisy arms x 3 seeds.
+  assert len(runs) == len(trainer.calls) == 6 + 4 + 9 + 6
+  summary = lq.summarize(runs, SETTING)["adamw"]
+  assert summary["lr"] == {"std": 3e-3, "bc": 3e-3}
+  np.testing.assert_allclose(summary["diffs"]["bc"]["mean"], ARM_OFFSET["bc"])
+  assert summary["diffs"]["bc"]["improved"] == 3
+  np.testing.assert_allclose(summary["diffs"]["inv"]["mean"], ARM_OFFSET["inv"])
+  np.testing.assert_allclose(summary["diffs"]["cf-bc"]["mean"],
+                             ARM_OFFSET["cf"] - ARM_OFFSET["bc"])
+  np.testing.assert_allclose(summary["noise"]["diff"]["mean"], ARM_OFFSET["bc"])
+  lq.run_family("adamw", SETTING, 3, run, noise=True)   # all cached
+  assert len(trainer.calls) == 25
+
+  md = tmp_path / "RESULTS.md"
+  md.write_text("# Results\n\nintro\n\n<!-- other:begin -->\nkeep me\n"
+                "<!-- other:end -->\n")
+  png = tmp_path / "q.png"
+  lq.report(results, SETTING, png, md)
+  lq.report(results, SETTING, png, md)        # idempotent
+  text = md.read_text()
+  assert text.startswith("# Results\n\nintro\n") and "keep me" in text
+  assert text.count(lq.BEGIN) == text.count(lq.END) == 1
+  section = text.split(lq.BEGIN)[1].split(lq.END)[0]
+  assert "| adamw | 0.003 | 0.003 |" in section
+  assert "-0.0300 ± 0.0000 | 3/3 | -0.149 |" in section
+  assert "Not run yet: sophia, shampoo." in section
+  assert png.stat().st_size > 0
