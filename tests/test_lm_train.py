@@ -1,5 +1,6 @@
 """Short runs of examples/lm/train.py: every optimizer learns, exact resume,
-several devices equal one, fail-fast errors, dry run.
+several devices equal one, iterate averages, --init-from, fail-fast errors,
+dry run.
 
 Runs go through ``train.main`` in-process on a one-layer model and a
 repetitive corpus; the pytest process has 8 simulated CPU devices
@@ -75,7 +76,9 @@ def test_every_optimizer_lowers_the_loss(runs, optimizer):
   assert summary["command"].startswith("python -m examples.lm.train")
   if optimizer in EXTRA:
     assert math.isfinite(summary["final_val_loss_avg"])
-    assert all("val_loss_avg" in r for r in metrics(out) if "val_loss" in r)
+    assert summary["final_eval_loss_avg"] == summary["final_eval_loss_bema"]
+    evals = [r for r in metrics(out) if "val_loss" in r]
+    assert all(r["val_loss_avg"] == r["val_loss_bema"] for r in evals)
 
 
 def test_stop_and_resume_reproduce_the_uninterrupted_run(runs, corpus_path,
@@ -115,7 +118,60 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus_path,
   assert train.checkpoint_manager(tmp_path).latest_step() == 1
 
 
+def test_averages_read_out_without_changing_training(runs, corpus_path,
+                                                    tmp_path):
+  none_out, none = runs("adamw")
+  # EMA power 0: the EMA is the iterate; burn-in 4: both averages are the
+  # iterate up to step 4, then BEMA = alpha (theta_t - theta_4) + theta_t.
+  summary = train.main(flags(
+      corpus_path, tmp_path, "adamw", "--average", "bema,ema",
+      "--average-ema-power", "0", "--average-burn-in", "4", "--eval-test"))
+  got, ref = metrics(tmp_path), metrics(none_out)
+  assert [r["train_loss"] for r in got] == [r["train_loss"] for r in ref]
+  assert [r.get("val_loss") for r in got] == [r.get("val_loss") for r in ref]
+  assert summary["final_eval_loss"] == none["final_eval_loss"]
+  assert summary["config"]["args"]["average"] == "ema,bema"   # chain order
+  step4, step8 = [r for r in got if "val_loss" in r]
+  assert step8["step"] == STEPS and "val_loss_avg" not in step8
+  for split in ("val", "test"):
+    loss = step4[f"{split}_loss"]
+    assert step4[f"{split}_loss_ema"] == step4[f"{split}_loss_bema"] == loss
+    assert step8[f"{split}_loss_ema"] == step8[f"{split}_loss"]
+    assert step8[f"{split}_loss_bema"] != step8[f"{split}_loss"]
+  assert summary["final_eval_loss"] == step8["test_loss"]
+  assert summary["final_eval_loss_bema"] == step8["test_loss_bema"]
+
+
+def test_init_from_loads_the_parameters_with_a_fresh_optimizer(
+    runs, corpus_path, tmp_path):
+  src, done = runs("adamw")
+  # Learning rate 0: the parameters stay the loaded ones, so the held-out
+  # losses are the source run's final ones, and BEMA (snapshot and EMA made
+  # from the loaded parameters) equals them too.
+  summary = train.main(flags(corpus_path, tmp_path, "adamw_bc") + [
+      "--init-from", str(src), "--steps", "2", "--lr", "0",
+      "--schedule", "constant", "--average", "bema"])
+  assert summary["init_from"] == {"dir": str(src), "step": STEPS}
+  assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+  for key in ("final_val_loss", "final_eval_loss"):
+    assert summary[key] == done[key]
+    assert summary[key + "_bema"] == done[key]
+  assert metrics(tmp_path)[0]["train_loss"] < math.log(256) - 1.0
+
+
+def test_init_from_errors(runs, corpus_path, tmp_path):
+  src, _ = runs("adamw")
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    train.main(flags(corpus_path, tmp_path / "a", "adamw",
+                     "--init-from", str(tmp_path / "missing")))
+  with pytest.raises(ValueError, match=r"d_ff \(64 there, 96 here\)"):
+    train.main(flags(corpus_path, tmp_path / "b", "adamw", "--init-from",
+                     str(src), "--model", "d_ff=96"))
+
+
 @pytest.mark.parametrize("extra,match", [
+    (["--average", "bema", "--average-every", "0"], "update_every"),
+    (["--average", "ema", "--average-lag", "-5"], "lag"),
     (["--optimizer", "adamw_bc", "--microbatches", "1"], "cannot use"),
     (["--optimizer", "sophia_bc", "--microbatches", "2"], "cannot use"),
     (["--optimizer", "shampoo_bc", "--cross-fit", "loo"], "loo"),
@@ -130,13 +186,40 @@ def test_bad_settings_fail_before_compiling(corpus_path, tmp_path, extra,
 
 
 def test_unknown_optimizer_or_preset_exits_with_usage(capsys):
-  for bad in (["--optimizer", "lion"], ["--preset", "huge"]):
+  for bad, match in ((["--optimizer", "lion"], "invalid choice"),
+                     (["--preset", "huge"], "invalid choice"),
+                     (["--average", "ema,swa"], "comma-separated list")):
     with pytest.raises(SystemExit):
       train.main(bad)
-    assert "invalid choice" in capsys.readouterr().err
+    assert match in capsys.readouterr().err
 
 
 def test_dry_run_prints_the_qwen_count(capsys):
   train.main(["--dry-run", "--preset", "qwen2.5-0.5b",
               "--vocab-size", "151936", "--optimizer", "adamw"])
   assert "params: 494032768" in capsys.readouterr().out.splitlines()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(
+    runs, corpus_path, tmp_path, monkeypatch):
+  """SIGINT during step 3 ends the run after that step with a checkpoint."""
+  import signal
+  from examples.lm import data as data_lib
+  full_out, full = runs("adamw")
+  args = flags(corpus_path, tmp_path, "adamw", "--checkpoint-every", "0")
+  real_batch = data_lib.train_batch
+
+  def batch_then_interrupt(*a, **kw):
+    if kw["step"] == 3:
+      signal.raise_signal(signal.SIGINT)     # as if Ctrl-C were pressed now
+    return real_batch(*a, **kw)
+
+  assert train.threading_is_main(), "the handler needs the main thread"
+  with monkeypatch.context() as m:
+    m.setattr(data_lib, "train_batch", batch_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+      train.main(args)
+  assert train.checkpoint_manager(tmp_path).latest_step() == 3
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  resumed = train.main(args + ["--resume"])
+  assert resumed["final_eval_loss"] == full["final_eval_loss"]
