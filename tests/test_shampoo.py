@@ -297,6 +297,33 @@ def test_nonfinite_decomposition_keeps_cached_roots():
   np.testing.assert_allclose(u["w"][:2], expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("estimator", [None, "jackknife"])
+def test_eigenvalues_are_floored_at_the_damping(estimator):
+  """A rank-one factor of norm ~2e5: float32 eigh returns null-space
+  eigenvalues off by ~1e-2, some negative; the floor keeps the roots finite
+  and each root eigenvalue in [0, damping^(-1/e)]."""
+  damping = 1e-6
+  rng = np.random.default_rng(15)
+  g = 1e3 * np.outer(rng.normal(size=6), rng.normal(size=5))
+  left = (1 - B2) * g @ g.T + damping * np.eye(6)
+  assert np.linalg.eigvalsh(np.asarray(left, np.float32)).min() < 0  # float32
+  tx = bcopt.scale_by_shampoo_bc(B1, B2, damping, precondition_every=1,
+                                 cross_fit=None, inverse_correction=estimator)
+  u, state = _run(tx, [np.tile(g, (4, 1, 1))])
+  chex.assert_tree_all_finite((u, state))
+  ceiling = damping ** (-1 / EXPONENT)
+  top_l, top_r = np.linalg.eigh(left)[1][:, -1], np.linalg.svd(g)[2][0]
+  for root, top, factor in [(state.left_root["w"][0], top_l, left),
+                            (state.right_root["w"][0], top_r, None)]:
+    root = np.asarray(root, np.float64)
+    eig = np.linalg.eigvalsh(0.5 * (root + root.T))
+    assert eig.min() >= -1e-3 * ceiling and eig.max() <= ceiling * (1 + 1e-3)
+    # the signal direction gets the textbook l_max^(-1/e)
+    l_max = (1 - B2) * np.sum(g * g) + damping
+    np.testing.assert_allclose(top @ root @ top, l_max ** (-1 / EXPONENT),
+                               rtol=1e-3)
+
+
 def test_identical_microbatches_give_the_standard_update():
   """No microbatch variability: no correction, and every scheme agrees."""
   g = np.random.default_rng(11).normal(size=(4, 3))
@@ -310,6 +337,25 @@ def test_identical_microbatches_give_the_standard_update():
     got, _ = _run(tx, steps)
     for a, b in zip(got, expected):
       _assert_close(a, b)
+
+
+@pytest.mark.parametrize("scheme", ["twofold", "symmetric"])
+def test_root_step_scratch_memory_does_not_grow_with_microbatches(scheme):
+  """XLA's buffer assignment: M = 4 -> 32 adds under a quarter of a d x d
+  matrix per extra microbatch (only the (M, t1 + t2) eigenvalue estimates
+  are stacked), where a matrix kept per microbatch would add at least one."""
+  d = 48
+  params = {"w": jnp.zeros((d, d))}
+  tx = bcopt.scale_by_shampoo_bc(cross_fit=scheme,
+                                 inverse_correction="jackknife")
+  temp = {}
+  for m in (4, 32):
+    grads = {"w": jax.ShapeDtypeStruct((m, d, d), jnp.float32)}
+    compiled = jax.jit(tx.update).lower(grads, tx.init(params),
+                                        params).compile()
+    temp[m] = compiled.memory_analysis().temp_size_in_bytes
+  per_microbatch = (temp[32] - temp[4]) / (32 - 4)
+  assert per_microbatch < 0.25 * d * d * 4, temp
 
 
 def test_no_retracing_across_root_and_cached_steps():

@@ -153,7 +153,7 @@ def _projected_norms(q_l: jax.Array, x: jax.Array,
 
   Both are read off ``Z = Q_L^T X Q_R`` (orthogonal ``Q_R`` keeps row norms,
   orthogonal ``Q_L`` column norms): one chain of two products and one
-  result, so a per-microbatch term needs O(1) tile buffers.
+  result.
   """
   z = jnp.einsum("nik,nij,njl->nkl", q_l, x, q_r, precision=_HIGHEST)
   z = z * z
@@ -187,19 +187,21 @@ def _graft(u: jax.Array, reference: jax.Array, t: _Tiling) -> jax.Array:
   return u * jnp.where(u_norm > 0, r_norm / safe, 0.0)
 
 
-def _group_members(stats, mb: microbatch.Microbatches, group: str):
-  """The microbatches of a group as ``(stats, layout, group)``.
+def _group_members(mb: microbatch.Microbatches, group: str):
+  """The microbatches a group's variance loops over: ``(indices, layout, group)``.
 
-  On a stacked axis the group is a static slice, so the per-microbatch
-  projections of the other group are not computed; on a named axis group
-  membership depends on the member, and the group is a 0/1 weighting.
+  On a stacked axis the group is a static range of the leading axis, so the
+  projections of the other group's microbatches are never computed (and the
+  gradients are indexed in place, not sliced into a copy); on a named axis
+  group membership depends on the member, so every local microbatch is
+  visited and the group is a 0/1 weighting.
   """
   if mb.axis_name is not None or group == "all":
-    return stats, mb, group
+    return jnp.arange(mb.local), mb, group
   half = mb.total // 2
-  part = slice(0, half) if group == "first" else slice(half, mb.total)
-  n = microbatch.group_size(mb, group)
-  return ([x[part] for x in stats],
+  start, stop = (0, half) if group == "first" else (half, mb.total)
+  n = stop - start
+  return (jnp.arange(start, stop),
           microbatch.Microbatches(local=n, total=n, axis_name=None), "all")
 
 
@@ -260,10 +262,15 @@ def scale_by_shampoo_bc(
 
   (``"jackknife"``: :math:`V_k = \frac{n-1}{n}\sum_j (\ell_{(-j)k} -
   \bar\ell_k)^2`; ``"paper"``: the same with each microbatch alone,
-  :math:`V_k = \mathrm{svar}_j(\ell_{jk})/n`), computed in one fused pass
-  over the microbatches without forming any matrix per microbatch (the
-  cost is one ``t1 x t1 x t2`` and one ``t1 x t2 x t2`` product per
-  microbatch and tile). Persistent state comes from the full batch:
+  :math:`V_k = \mathrm{svar}_j(\ell_{jk})/n`), computed in a rolled loop
+  over the group's microbatches that keeps one microbatch's tile buffers at
+  a time: no matrix per microbatch is kept, and a root step's scratch
+  memory does not grow with ``M``. The cost is one ``t1 x t1 x t2`` and one
+  ``t1 x t2 x t2`` product per microbatch, tile and group (the persistent
+  roots' group is all ``M``; ``"twofold"`` adds ``M/2``, ``"symmetric"``
+  ``M``), about ``6 M t^3`` flops per square tile for ``"twofold"``: the
+  same order as the uncorrected root step's eigendecompositions when ``M``
+  is large. Persistent state comes from the full batch:
   :math:`M \leftarrow M_c(\bar G)` every step; on root steps
   :math:`L \leftarrow L_c(\bar G)`, :math:`R \leftarrow R_c(\bar G)`, and
   the cached roots are recomputed from them with the same correction over
@@ -401,12 +408,12 @@ def scale_by_shampoo_bc(
         right_root=unflatten(right_root),
     )
 
-  def inverse_roots(tilings, factors, group_mean, stats, mb, group):
+  def inverse_roots(tilings, factors, group_mean, grads, mb, group):
     """Candidate factors and corrected roots from one group's statistic.
 
-    ``factors`` are the per-leaf ``(L, R)`` before this step and
-    ``group_mean`` the group's per-leaf mean gradients; returns per-leaf
-    ``(Lc, Rc, PLc, PRc)`` tiles.
+    ``factors`` are the per-leaf ``(L, R)`` before this step, ``group_mean``
+    the group's per-leaf mean gradients and ``grads`` the microbatched
+    gradients; returns per-leaf ``(Lc, Rc, PLc, PRc)`` tiles.
     """
     candidates, eigen, tiles = [], [], []
     for (l_old, r_old), s, t in zip(factors, group_mean, tilings):
@@ -426,35 +433,48 @@ def scale_by_shampoo_bc(
       tiles.append(x)
 
     # Each leaf's spectra as one (n, t1 + t2) vector: L's eigenvalues, then
-    # R's. One array per leaf and microbatch keeps each microbatch's term
-    # a single chain, so XLA frees its buffers before the next one.
-    spectra = [jnp.maximum(jnp.concatenate(
-        [eig_l.eigenvalues, eig_r.eigenvalues], axis=-1), damping)
-               for eig_l, eig_r in eigen]
+    # R's.
+    raw = [jnp.concatenate([eig_l.eigenvalues, eig_r.eigenvalues], axis=-1)
+           for eig_l, eig_r in eigen]
+    spectra = [jnp.maximum(l, damping) for l in raw]
     if inverse_correction is None:
       roots = inverse.variance_correct_inverse(spectra, exponent=exponent)
     else:
+      loo = inverse_correction == "jackknife"
+      members, group_mb, group_name = _group_members(mb, group)
+      n = microbatch.group_size(group_mb, group_name)
       # l_(-j)k = base_k + (1 - b2) ||row_k(Q^T X_(-j))||^2 with
       # base_k = b2 (Q^T L Q)_kk + damping = l_k - (1 - b2) ||row_k(Q^T X)||^2.
       bases = [
-          jnp.concatenate([eig_l.eigenvalues, eig_r.eigenvalues], axis=-1)
-          - (1 - b2) * _projected_norms(eig_l.eigenvectors, x,
-                                        eig_r.eigenvectors)
-          for (eig_l, eig_r), x in zip(eigen, tiles)]
+          l - (1 - b2) * _projected_norms(eig_l.eigenvectors, x,
+                                          eig_r.eigenvectors)
+          for l, (eig_l, eig_r), x in zip(raw, eigen, tiles)]
 
-      def eigenvalues(means):
-        """Eigenvalue estimates in the fixed eigenbases from group means."""
-        if means is group_mean:  # the group's own: the eigenvalues themselves
-          return spectra
-        return [
-            jnp.maximum(base + (1 - b2) * _projected_norms(
-                eig_l.eigenvectors, _to_tiles(s, t), eig_r.eigenvectors),
-                        damping)
-            for s, t, (eig_l, eig_r), base in zip(means, tilings, eigen, bases)]
+      def estimates(j):
+        """Microbatch j's eigenvalue estimates in the fixed eigenbases."""
+        out = []
+        for g, s, t, (eig_l, eig_r), base in zip(grads, group_mean, tilings,
+                                                  eigen, bases):
+          g_j = jax.lax.dynamic_index_in_dim(g, j, keepdims=False).astype(
+              s.dtype)
+          x = (n * s - g_j) / (n - 1) if loo else g_j  # Gbar_(-j) or G_j
+          out.append(jnp.maximum(base + (1 - b2) * _projected_norms(
+              eig_l.eigenvectors, _to_tiles(x, t), eig_r.eigenvectors),
+                                 damping))
+        return out
 
-      roots = crossfit.group_inverse(
-          eigenvalues, stats, group_mean, mb, group, inverse_correction,
-          exponent=exponent)
+      # A rolled loop: one microbatch's tile buffers at a time, so the
+      # scratch memory does not grow with M (an unrolled loop lets XLA run
+      # the independent per-microbatch products side by side, one set of
+      # buffers each). Only the (M, n, t1 + t2) estimates are stacked.
+      samples = jax.lax.map(estimates, members)
+      spread = crossfit.denominator_spread(
+          lambda values: values, samples, spectra, group_mb, group_name,
+          loo=False)
+      variance = inverse.variance_from_spread(
+          spread, n, inverse_correction, loo=loo)
+      roots = inverse.variance_correct_inverse(spectra, variance,
+                                               exponent=exponent)
 
     return [
         (l_c, r_c, _root(eig_l.eigenvectors, d[..., :t.row_size]),
@@ -508,11 +528,10 @@ def scale_by_shampoo_bc(
 
     def refresh():
       def candidate(group):
-        stats, group_mb, name = _group_members(grads_e, mb, group)
         mean = g_bar_e if group == "all" else microbatch.mean(
             grads_e, axis_name, group)
         return inverse_roots(tilings_e, [(l, r) for l, r, _, _ in old], mean,
-                             stats, group_mb, name)
+                             grads_e, mb, group)
 
       persistent = []
       for new, prev in zip(candidate("all"), old):
