@@ -128,6 +128,23 @@ def arm_flags(family: str, arm: str) -> list[str]:
   raise ValueError(f"arm {arm!r} not in {MAIN_ARMS + ABLATIONS}")
 
 
+def git_state() -> dict:
+  """HEAD and the tracked files under bcopt/ and examples/ that differ from it
+  (other sessions may edit the checkout while a benchmark runs)."""
+  import subprocess
+  def git(*a):
+    try:
+      return subprocess.run(["git", *a], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+      return None
+  dirty = git("status", "--porcelain", "--untracked-files=no", "--",
+              "bcopt", "examples")
+  return {"commit": git("rev-parse", "HEAD"),
+          "modified": [line.split(maxsplit=1)[1]
+                       for line in (dirty or "").splitlines()]}
+
+
 def data_name(noise: float) -> str:
   return "shakespeare" if noise == 0 else f"shakespeare-noise{noise:g}"
 
@@ -219,11 +236,13 @@ def curves_path(results: pathlib.Path) -> pathlib.Path:
 
 
 def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
-             runs_dir: pathlib.Path, runner=None) -> dict:
+             runs_dir: pathlib.Path, runner=None, code: dict | None = None
+             ) -> dict:
   """Runs one cell unless the results file has it; returns its record.
 
   ``runner(argv) -> summary dict`` defaults to ``train.main`` in this process
-  (programs compiled for one seed are reused for the next).
+  (programs compiled for one seed are reused for the next). ``code`` (the
+  git state of the code the runner imported) goes into the record.
   """
   existing = find(load_runs(results), cell, setting)
   if existing is not None:
@@ -262,6 +281,7 @@ def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
       "call_wall_s": round(time.time() - wall0, 1),
       "cpu_s": round(time.process_time() - cpu0, 1),
       "loadavg_1m": round(load[0], 2),
+      **({"code": code} if code is not None else {}),
   }
   save_curve(curves_path(results), cell.name, out / "metrics.jsonl")
   append_run(results, record)
@@ -696,7 +716,10 @@ def main(argv=None) -> None:
   sys.path.insert(0, str(ROOT))
   t0 = time.time()
   if not args.report_only:
-    run = lambda cell: run_cell(cell, setting, results, args.runs_dir)
+    from examples.lm import train   # imported now: `code` describes it
+    code = git_state()
+    run = lambda cell: run_cell(cell, setting, results, args.runs_dir,
+                                runner=train.main, code=code)
     if args.quick:
       for arm in MAIN_ARMS:
         run(Cell("adamw", arm, QUICK_LR, 0))

@@ -81,7 +81,25 @@ def environment() -> dict:
       "cpu_model": cpu, "cpus_usable": len(os.sched_getaffinity(0)),
       "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
       "loadavg_start": list(os.getloadavg()),
+      "git": git_state(),   # of the code imported by this process
   }
+
+
+def git_state() -> dict:
+  """HEAD and the tracked files under bcopt/ and examples/ that differ from it
+  (other sessions may edit the checkout while a benchmark runs)."""
+  import subprocess
+  def git(*a):
+    try:
+      return subprocess.run(["git", *a], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+      return None
+  dirty = git("status", "--porcelain", "--untracked-files=no", "--",
+              "bcopt", "examples")
+  return {"commit": git("rev-parse", "HEAD"),
+          "modified": [line.split(maxsplit=1)[1]
+                       for line in (dirty or "").splitlines()]}
 
 
 def train_args(preset: str, optimizer: str, shape: dict) -> argparse.Namespace:
