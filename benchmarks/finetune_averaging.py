@@ -11,7 +11,12 @@ noisy fine-tune from pretrained weights. With ``examples/lm/train.py``:
    ``FINETUNE_PLAYS`` (hamlet, othello), with a small batch (4 microbatches
    of 1 sequence of 128 bytes: 512 tokens per step) and a constant learning
    rate after a short warm-up, so that the last iterate is noisy; 3 seeds
-   (the seed only changes the order of the fine-tuning batches).
+   (the seed only changes the order of the fine-tuning batches). The
+   learning rate is picked first from ``LR_CANDIDATES`` by the last
+   iterate's final loss on the *validation* plays, in runs with a seed of
+   their own (``SELECTION_SEED``, not reported): a first try at 1e-3 made
+   the validation loss rise above the pretrained model's within 20 steps
+   (AdamW restarts with fresh moments while pretraining ended at 3e-4).
 3. Evaluate on held-out tragedies that neither phase trains on:
    ``TEST_PLAYS`` (macbeth, romeo-and-juliet; reported) and
    ``VALIDATION_PLAYS`` (king-lear, timon-of-athens; also logged). macbeth
@@ -104,8 +109,10 @@ SIZES = {
 }
 PRETRAIN = dict(microbatches=8, microbatch_size=2, lr=3e-3, warmup=20,
                 schedule="cosine")
-FINETUNE = dict(microbatches=4, microbatch_size=1, lr=1e-3, warmup=10,
-                schedule="constant")
+FINETUNE = dict(microbatches=4, microbatch_size=1, warmup=10,
+                schedule="constant")   # --lr: chosen from LR_CANDIDATES
+LR_CANDIDATES = (1e-4, 3e-4, 1e-3)
+SELECTION_SEED = 100    # the learning-rate selection runs' (not reported)
 
 
 # ----------------------------------------------------------------------------
@@ -136,15 +143,18 @@ def pretrain_argv(size: dict, runs: pathlib.Path) -> list[str]:
           *common_flags(size, PRETRAIN), "--out", str(runs / "pretrain")]
 
 
-def finetune_argv(size: dict, runs: pathlib.Path, seed: int,
-                  average: str = "ema,bema") -> list[str]:
-  name = f"finetune_seed{seed}" + ("" if average == "ema,bema"
-                                   else f"_{average}")
+def finetune_argv(size: dict, runs: pathlib.Path, seed: int, lr: float,
+                  average: str = "ema,bema", curves: bool = True
+                  ) -> list[str]:
+  """A fine-tuning run; ``curves=False``: evaluated at the end only."""
+  name = f"finetune_lr{lr:g}_seed{seed}" + ("" if average == "ema,bema"
+                                             else f"_{average}")
   return ["--init-from", str(runs / "pretrain"),
           "--train-plays", ",".join(FINETUNE_PLAYS),
-          "--steps", str(size["finetune_steps"]),
-          "--eval-every", str(size["eval_every"]), "--checkpoint-every", "100",
-          "--seed", str(seed), "--average", average,
+          "--steps", str(size["finetune_steps"]), "--lr", str(lr),
+          "--eval-every", str(size["eval_every"] if curves else 0),
+          "--checkpoint-every", "100", "--seed", str(seed),
+          "--average", average,
           *(_flags(AVERAGING) if average != "none" else []),
           *common_flags(size, FINETUNE), "--out", str(runs / name)]
 
@@ -184,6 +194,11 @@ def record(out: pathlib.Path, summary: dict, argv: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------
 # Aggregation (pure numpy; tested in tests/test_finetune_averaging.py)
+
+
+def select_lr(records: dict) -> float:
+  """The learning rate whose run ends with the lowest validation loss."""
+  return min(records, key=lambda lr: records[lr]["summary"]["final_val_loss"])
 
 
 def method_key(split: str, method: str) -> str:
@@ -322,13 +337,18 @@ def markdown(payload: dict) -> str:
       f"{sz['pretrain_steps']} steps on the comedies and histories, then "
       f"fine-tuned for {sz['finetune_steps']} steps on "
       f"{', '.join(FINETUNE_PLAYS)} with 512 tokens per step (4 x 1 x 128) "
-      f"and a constant learning rate {FINETUNE['lr']:g}, AdamW-BC; "
+      f"and a constant learning rate {payload['lr']:g}, AdamW-BC; "
       f"{n} seeds (batch order). Evaluated every {sz['eval_every']} steps "
       f"on held-out tragedies: test {', '.join(TEST_PLAYS)} (reported), "
       f"validation {', '.join(VALIDATION_PLAYS)}. BEMA and EMA with the "
       "paper's defaults (EMA power 0.5, bias power 0.2, lag 10), refreshed "
-      "every step, no burn-in: fixed beforehand, not tuned. One trajectory "
-      "per seed, three read-outs. " + agreement_text(
+      "every step, no burn-in: fixed beforehand, not tuned. The learning "
+      "rate was picked from " + ", ".join(
+          f"{k} (validation loss {r['final_val_loss']:.4f})"
+          for k, r in payload["lr_selection"]["runs"].items())
+      + " by the last iterate's final loss on the validation plays, in runs "
+      f"with seed {payload['lr_selection']['seed']} (not reported). One "
+      "trajectory per seed, three read-outs. " + agreement_text(
           payload["raw_vs_average_none"]),
       "",
       f"Pretrained model (step 0): test loss "
@@ -461,8 +481,16 @@ def main(argv=None) -> dict:
   t0 = time.time()
 
   pre = run(pretrain_argv(size, runs_dir))
-  fine = [run(finetune_argv(size, runs_dir, seed)) for seed in size["seeds"]]
-  check = run(finetune_argv(size, runs_dir, size["seeds"][0], "none"))
+  selection = {lr: run(finetune_argv(size, runs_dir, SELECTION_SEED, lr,
+                                      "none", curves=False))
+               for lr in LR_CANDIDATES}
+  lr = select_lr(selection)
+  print(f"learning rate {lr:g} (final validation loss of the selection "
+        "runs: " + ", ".join(f"{k:g}: {r['summary']['final_val_loss']:.4f}"
+                             for k, r in selection.items()) + ")")
+  fine = [run(finetune_argv(size, runs_dir, seed, lr))
+          for seed in size["seeds"]]
+  check = run(finetune_argv(size, runs_dir, size["seeds"][0], lr, "none"))
   agreement = raw_agreement(fine[0], check)
 
   final_pre = pre["evals"][-1]
@@ -471,7 +499,13 @@ def main(argv=None) -> dict:
       "benchmark": "finetune_averaging", "quick": args.quick,
       "sizes": {k: v for k, v in size.items() if k != "seeds"},
       "seeds": list(size["seeds"]), "pretrain": PRETRAIN,
-      "finetune": FINETUNE, "averaging": AVERAGING,
+      "finetune": FINETUNE, "averaging": AVERAGING, "lr": lr,
+      "lr_selection": {
+          "seed": SELECTION_SEED, "criterion": "final_val_loss (raw)",
+          "runs": {f"{k:g}": {"final_val_loss":
+                                  r["summary"]["final_val_loss"],
+                              "command": r["command"]}
+                   for k, r in selection.items()}},
       "plays": {"pretrain": PRETRAIN_PLAYS, "finetune": FINETUNE_PLAYS,
                 "validation": VALIDATION_PLAYS, "test": TEST_PLAYS},
       "params": pre["summary"]["params"], "pretrained": start,
@@ -482,7 +516,7 @@ def main(argv=None) -> dict:
                                    zip(size["seeds"], fine)},
                f"finetune_seed{size['seeds'][0]}_none": check},
       "wall_s": round(sum(r["summary"]["wall_s"] for r in
-                          [pre, *fine, check]), 1),
+                          [pre, *selection.values(), *fine, check]), 1),
       "script_wall_s": round(time.time() - t0, 1),
   }
   RESULTS_DIR.mkdir(parents=True, exist_ok=True)

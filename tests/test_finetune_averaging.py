@@ -22,11 +22,15 @@ _spec.loader.exec_module(fa)
 def test_commands_parse_and_hold_out_the_evaluation_plays(label, tmp_path):
   size = fa.SIZES[label]
   pre = train.parse_args(fa.pretrain_argv(size, tmp_path))
-  fine = train.parse_args(fa.finetune_argv(size, tmp_path, 1))
-  none = train.parse_args(fa.finetune_argv(size, tmp_path, 0, "none"))
+  fine = train.parse_args(fa.finetune_argv(size, tmp_path, 1, 3e-4))
+  none = train.parse_args(fa.finetune_argv(size, tmp_path, 0, 3e-4, "none"))
+  pick = train.parse_args(fa.finetune_argv(size, tmp_path, 7, 1e-4, "none",
+                                           curves=False))
   assert fine.init_from == pre.out == str(tmp_path / "pretrain")
   assert fine.average == "ema,bema" and none.average == "none"
-  assert fine.seed == 1 and fine.out != none.out
+  assert fine.seed == 1 and fine.out != none.out and fine.lr == 3e-4
+  assert pick.eval_every == 0 and pick.lr == 1e-4 and pick.average == "none"
+  assert len({fine.out, none.out, pick.out}) == 3
   # Same evaluation windows in both phases (eval_batches evenly spaced
   # windows depend only on their number).
   windows = lambda a: a.eval_batches * a.microbatches * a.microbatch_size
@@ -42,11 +46,19 @@ def test_commands_parse_and_hold_out_the_evaluation_plays(label, tmp_path):
   assert {plays[n].parent.name for n in held | set(fa.FINETUNE_PLAYS)} == {
       "tragedies"}
   # Seed 0's run differs from the none check only in its averages.
-  fine0 = vars(train.parse_args(fa.finetune_argv(size, tmp_path, 0)))
+  fine0 = vars(train.parse_args(fa.finetune_argv(size, tmp_path, 0, 3e-4)))
   differ = {k for k in fine0 if fine0[k] != vars(none)[k]}
   assert differ == {"average", "out"}
   assert fa.command(["--out", "a b"]) == "python -m examples.lm.train " \
       "--out 'a b'"
+
+
+def test_select_lr_takes_the_lowest_final_validation_loss():
+  losses = {1e-4: 1.9, 3e-4: 1.7, 1e-3: 1.8}
+  records = {lr: {"summary": {"final_val_loss": v, "final_eval_loss": 0.0}}
+             for lr, v in losses.items()}
+  assert fa.select_lr(records) == 3e-4
+  assert fa.SELECTION_SEED not in fa.SEEDS
 
 
 def _fake_runs(rng, seeds, steps):

@@ -279,7 +279,8 @@ def averager(args, name: str) -> optax.GradientTransformation:
   return getattr(bcopt, name)(**kwargs)
 
 
-# Index of the first averaging state in make_optimizer's chain state.
+# Index of the first averaging state in make_optimizer's chain state
+# (clip, optimizer, then the averages in AVERAGES order).
 AVERAGE_INDEX = 2
 
 
@@ -774,10 +775,11 @@ def main(argv=None) -> dict | None:
       ("val_loss", "test_loss"))}
   if not args.eval_test:
     final.update(eval_losses(params, opt_state, ("test",)))
-  summary = {   # final_val_*: validation plays; final_eval_*: test plays
-      f"final_{'eval' if k.startswith('test') else 'val'}_{k.split('_', 1)[1]}":
-          v for k, v in sorted(final.items(),
-                               key=lambda kv: (kv[0].startswith("test"), kv))}
+  summary = {}   # final_val_*: validation plays; final_eval_*: test plays
+  for split, name in (("val", "val"), ("test", "eval")):
+    for k, v in sorted(final.items()):
+      if k.startswith(f"{split}_"):
+        summary[f"final_{name}_{k[len(split) + 1:]}"] = v
   summary.update({
       "params": num_params,
       "tokens": args.steps * tokens_per_step,
