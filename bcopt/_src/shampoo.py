@@ -147,15 +147,17 @@ def _eigh(factor: jax.Array, diagonal: jax.Array):
   return jnp.linalg.eigh(0.5 * (matrix + jnp.swapaxes(matrix, -1, -2)))
 
 
-def _projected_norms(q_l: jax.Array, x: jax.Array,
-                     q_r: jax.Array) -> jax.Array:
+def _project(q_l: jax.Array, x: jax.Array, q_r: jax.Array) -> jax.Array:
+  """``Z = Q_L^T X Q_R`` for every tile: one chain of two products."""
+  return jnp.einsum("nik,nij,njl->nkl", q_l, x, q_r, precision=_HIGHEST)
+
+
+def _projected_norms(z: jax.Array) -> jax.Array:
   """``||row_k(Q_L^T X)||^2`` then ``||col_k(X Q_R)||^2``: ``(n, t1 + t2)``.
 
-  Both are read off ``Z = Q_L^T X Q_R`` (orthogonal ``Q_R`` keeps row norms,
-  orthogonal ``Q_L`` column norms): one chain of two products and one
-  result.
+  Both are read off ``Z = Q_L^T X Q_R`` (:func:`_project`): orthogonal
+  ``Q_R`` keeps row norms, orthogonal ``Q_L`` column norms.
   """
-  z = jnp.einsum("nik,nij,njl->nkl", q_l, x, q_r, precision=_HIGHEST)
   z = z * z
   return jnp.concatenate([jnp.sum(z, axis=-1), jnp.sum(z, axis=-2)], axis=-1)
 
@@ -284,6 +286,12 @@ def scale_by_shampoo_bc(
   tile's new factors or roots are not finite (an overflowing gradient),
   that tile keeps its previous factors and cached roots, and the step uses
   the cached roots, instead of poisoning the parameters.
+
+  On CPU, ``jnp.linalg.eigh`` calls LAPACK from SciPy's OpenBLAS, whose
+  worker threads busy-wait: on a machine with more runnable threads than
+  cores a root step can take 100 times longer than it should (a ``256 x
+  256`` eigendecomposition 1-2 s instead of 4 ms). Set
+  ``OPENBLAS_NUM_THREADS=1`` before starting Python there.
 
   With ``graft="adam"`` each tile's direction is rescaled to the Frobenius
   norm of the bias-corrected AdamW-BC direction of that tile
@@ -445,21 +453,25 @@ def scale_by_shampoo_bc(
       n = microbatch.group_size(group_mb, group_name)
       # l_(-j)k = base_k + (1 - b2) ||row_k(Q^T X_(-j))||^2 with
       # base_k = b2 (Q^T L Q)_kk + damping = l_k - (1 - b2) ||row_k(Q^T X)||^2.
-      bases = [
-          l - (1 - b2) * _projected_norms(eig_l.eigenvectors, x,
-                                          eig_r.eigenvectors)
-          for l, (eig_l, eig_r), x in zip(raw, eigen, tiles)]
+      # Projections are linear, so the leave-one-out projection is
+      # (n Zbar - Z_j) / (n - 1) with Z = Q_L^T X Q_R.
+      z_means = [_project(eig_l.eigenvectors, x, eig_r.eigenvectors)
+                 for (eig_l, eig_r), x in zip(eigen, tiles)]
+      bases = [l - (1 - b2) * _projected_norms(z)
+               for l, z in zip(raw, z_means)]
 
       def estimates(j):
         """Microbatch j's eigenvalue estimates in the fixed eigenbases."""
         out = []
-        for g, s, t, (eig_l, eig_r), base in zip(grads, group_mean, tilings,
-                                                  eigen, bases):
+        for g, t, (eig_l, eig_r), z_mean, base in zip(
+            grads, tilings, eigen, z_means, bases):
           g_j = jax.lax.dynamic_index_in_dim(g, j, keepdims=False).astype(
-              s.dtype)
-          x = (n * s - g_j) / (n - 1) if loo else g_j  # Gbar_(-j) or G_j
-          out.append(jnp.maximum(base + (1 - b2) * _projected_norms(
-              eig_l.eigenvectors, _to_tiles(x, t), eig_r.eigenvectors),
+              z_mean.dtype)
+          z = _project(eig_l.eigenvectors, _to_tiles(g_j, t),
+                       eig_r.eigenvectors)
+          if loo:  # Q_L^T Gbar_(-j) Q_R
+            z = (n * z_mean - z) * (1.0 / (n - 1))
+          out.append(jnp.maximum(base + (1 - b2) * _projected_norms(z),
                                  damping))
         return out
 
