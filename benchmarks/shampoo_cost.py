@@ -18,34 +18,48 @@ two warm-up calls, then rounds in which every variant runs once
 (round-robin, start rotated), each call timed with ``block_until_ready``.
 The state is not fed back, so every root-step call is a root step. Reported:
 median, quartiles and minimum of the wall time over rounds, and the median
-process CPU time (all threads). On a shared machine the wall time of the
-multithreaded eigendecompositions inflates badly; the minimum and the CPU
-time are the robust numbers (the JSON records the load average).
+and minimum of the process CPU time (all threads). On a shared machine the
+minimum and the CPU time are the robust numbers (the JSON records the load
+average at the start and end).
+
+**OpenBLAS threads.** On CPU, ``jnp.linalg.eigh`` calls LAPACK through
+SciPy's OpenBLAS, whose worker threads busy-wait. On an oversubscribed
+machine (load 9 on 2 cores) a ``256 x 256`` eigendecomposition then takes
+1-2 s instead of 4 ms, at random, which made earlier root-step timings
+meaningless. The script therefore sets ``OPENBLAS_NUM_THREADS=1`` before
+JAX starts unless the variable is already set (``--openblas-threads``
+overrides it; the JSON records the value). The variant ``eigh (one
+factor)`` times one ``jnp.linalg.eigh`` of a ``d x d`` factor, the unit of a
+root step's cost.
 
 Memory: XLA's buffer assignment for the compiled step
 (``memory_analysis()``): ``temp`` is the scratch memory of the step on top
-of its arguments (the ``M`` gradients and the state) and outputs. The
-eigenvalue variance is a sum over microbatches of ``t1 x t2`` projections
-(``microbatch.sum_over_microbatches``, an unrolled loop), never one matrix
-per microbatch, so a memory-minimising schedule needs O(1) projection
-buffers. XLA:CPU's default *concurrency-optimised* scheduler instead runs
-the independent per-microbatch products side by side and keeps one buffer
-per microbatch; the script therefore also compiles every variant in a
-subprocess with ``--xla_cpu_enable_concurrency_optimized_scheduler=false``
-and records that ``temp`` (``temp_MiB_memory_scheduler``).
+of its arguments (the ``M`` gradients and the state) and outputs, and
+``peak`` = arguments + outputs + temp - aliased bytes. The eigenvalue
+variance loops over the microbatches with a rolled ``lax.map`` (one
+microbatch's tile buffers at a time), so ``temp`` does not depend on ``M``;
+the summary records ``temp(M=16) - temp(M=4)`` per variant. For
+comparison the script also compiles every variant in a subprocess with
+XLA:CPU's memory-minimising scheduler
+(``--xla_cpu_enable_concurrency_optimized_scheduler=false``) and records that
+``temp`` (``temp_MiB_memory_scheduler``).
 
 Cost model of the correction (per tile, square ``d``): the jackknife
 projects each microbatch of its group on both eigenbases,
 ``2 x 2 d^3`` flops per microbatch. The persistent roots use all ``M``
 microbatches; with ``"twofold"`` the candidate roots use the ``M / 2`` of
-group B (a static slice on a stacked axis), ``6 M d^3`` flops in all,
-against about ``2 x`` (two eigendecompositions per factor) plus a few
-``d^3`` products for the root step without it.
+group B (a static range on a stacked axis), ``6 M d^3`` flops in all (plus
+``8 d^3`` for the groups' means), against four eigendecompositions and
+about ``20 d^3`` flops of products for the root step without it. With an
+eigendecomposition costing ``E`` times a ``d^3`` product, the correction
+adds about ``6 M / (4 E + 20)`` to a twofold root step: that is the number
+to compare with the measured ``correction_overhead_twofold``.
 
 Usage::
 
   python benchmarks/shampoo_cost.py --quick      # d = 128, M = 4; ~1 minute
   python benchmarks/shampoo_cost.py              # d in {256, 1024}, M in {4, 16}
+  python benchmarks/shampoo_cost.py --table benchmarks/results/shampoo_cost.json
 """
 
 import argparse
@@ -59,7 +73,21 @@ import sys
 import tempfile
 import time
 
-import jax
+
+def _openblas_threads(argv):
+  """``--openblas-threads N`` from argv, else the environment's, else 1."""
+  for i, a in enumerate(argv):
+    if a == "--openblas-threads" and i + 1 < len(argv):
+      return argv[i + 1]
+    if a.startswith("--openblas-threads="):
+      return a.split("=", 1)[1]
+  return os.environ.get("OPENBLAS_NUM_THREADS", "1")
+
+
+# Before numpy / SciPy's OpenBLAS is loaded (see the module docstring).
+os.environ["OPENBLAS_NUM_THREADS"] = _openblas_threads(sys.argv)
+
+import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -82,6 +110,11 @@ def parse_args(argv=None):
                  help="stop a configuration's rounds after this (>= 3 rounds)")
   p.add_argument("--out", default=None, help="JSON path (default:"
                  " benchmarks/results/shampoo_cost[_quick].json)")
+  p.add_argument("--openblas-threads", default=None,
+                 help="OPENBLAS_NUM_THREADS for LAPACK's eigh (default: the"
+                 " environment's, else 1; read before JAX starts)")
+  p.add_argument("--table", metavar="JSON", default=None,
+                 help="print the markdown table of a results JSON and exit")
   p.add_argument("--memory-only", action="store_true",
                  help="only compile and write temp sizes (used internally)")
   args = p.parse_args(argv)
@@ -102,13 +135,22 @@ def environment():
                   if line.startswith("model name")), cpu)
   except OSError:
     pass
+  try:
+    git = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True,
+        text=True, check=True,
+        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    git = None
   return {
+      "git": git,
       "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "python": platform.python_version(), "jax": jax.__version__,
       "optax": optax.__version__, "backend": jax.default_backend(),
       "cpu_model": cpu, "cpus_usable": len(os.sched_getaffinity(0)),
       "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+      "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
       "loadavg_start": list(os.getloadavg()),
   }
 
@@ -129,6 +171,8 @@ def variants(d, m):
   _, state = jax.jit(tx.update)(grads, tx.init(params), params)
   out["cached twofold jackknife"] = (jax.jit(tx.update),
                                      (grads, state, params))
+  factor = grads["w"][0] @ grads["w"][0].T / d + 1e-3 * jnp.eye(d)
+  out["eigh (one factor)"] = (jax.jit(jnp.linalg.eigh), (factor,))
   adam = optax.adam(1e-3)
   out["optax.adam"] = (
       jax.jit(lambda g, s: adam.update(bcopt.microbatch_mean(g), s)),
@@ -171,6 +215,10 @@ def measure(d, m, reps, max_seconds):
     memory[name] = {
         "compile_s": round(time.perf_counter() - t0, 2),
         "temp_MiB": round(mem.temp_size_in_bytes / 2**20, 2),
+        "peak_MiB": round((mem.argument_size_in_bytes
+                           + mem.output_size_in_bytes
+                           + mem.temp_size_in_bytes
+                           - mem.alias_size_in_bytes) / 2**20, 2),
         "arguments_MiB": round(mem.argument_size_in_bytes / 2**20, 2),
         "outputs_MiB": round(mem.output_size_in_bytes / 2**20, 2),
     }
@@ -198,11 +246,12 @@ def measure(d, m, reps, max_seconds):
                     "min_ms": round(float(np.min(ms)), 2),
                     "cpu_median_ms": round(float(np.median(cpu[name])) * 1e3,
                                            2),
+                    "cpu_min_ms": round(float(np.min(cpu[name])) * 1e3, 2),
                     "rounds": len(s), **memory[name]}
   summary = {"gradients_MiB": round(m * d * d * 4 / 2**20, 2)}
   # On a shared machine the minimum is the least disturbed run, and the
   # process CPU time (all threads) is insensitive to waiting for a core.
-  for stat in ("median_ms", "min_ms", "cpu_median_ms"):
+  for stat in ("median_ms", "min_ms", "cpu_median_ms", "cpu_min_ms"):
     t = lambda n: timing[n][stat]
     summary[stat] = {
         "correction_overhead_twofold": round(
@@ -213,12 +262,70 @@ def measure(d, m, reps, max_seconds):
                                 / t("optax.adam"), 1),
         "cached_over_adam": round(t("cached twofold jackknife")
                                   / t("optax.adam"), 1),
+        "root_twofold_plain_in_eighs": round(t("root twofold plain")
+                                             / t("eigh (one factor)"), 1),
     }
   return {"d": d, "M": m, "timing": timing, "summary": summary}
 
 
+def memory_growth(results):
+  """Per d and variant: temp and gradients at the smallest and largest M."""
+  out = {}
+  for d in sorted({r["d"] for r in results}):
+    rs = sorted((r for r in results if r["d"] == d), key=lambda r: r["M"])
+    lo, hi = rs[0], rs[-1]
+    if lo is hi:
+      continue
+    out[str(d)] = {
+        "M": [lo["M"], hi["M"]],
+        "gradients_MiB": [lo["summary"]["gradients_MiB"],
+                          hi["summary"]["gradients_MiB"]],
+        "temp_MiB": {n: [lo["timing"][n]["temp_MiB"],
+                         hi["timing"][n]["temp_MiB"]]
+                     for n in lo["timing"]},
+    }
+  return out
+
+
+TABLE_COLUMNS = [
+    ("root standard plain", "root, standard"),
+    ("root standard jackknife", "root, standard + jackknife"),
+    ("root twofold plain", "root, twofold"),
+    ("root twofold jackknife", "root, twofold + jackknife"),
+    ("cached twofold jackknife", "non-root step"),
+    ("optax.adam", "optax.adam"),
+    ("eigh (one factor)", "one eigh"),
+]
+
+
+def table(data):
+  """Markdown table of a results JSON: CPU ms (min), overheads, memory."""
+  lines = [
+      "| d | M | " + " | ".join(h for _, h in TABLE_COLUMNS)
+      + " | correction, twofold | correction, standard"
+      " | temp MiB (twofold + jackknife) | gradients MiB |",
+      "|" + " --- |" * (len(TABLE_COLUMNS) + 6),
+  ]
+  for r in data["results"]:
+    cells = [str(r["d"]), str(r["M"])]
+    for name, _ in TABLE_COLUMNS:
+      t = r["timing"][name]
+      cells.append(f"{t['cpu_median_ms']:.4g} ({t['cpu_min_ms']:.4g})")
+    s = r["summary"]["cpu_median_ms"]
+    cells += [f"{100 * s['correction_overhead_twofold']:+.0f}%",
+              f"{100 * s['correction_overhead_standard']:+.0f}%",
+              f"{r['timing']['root twofold jackknife']['temp_MiB']:.4g}",
+              f"{r['summary']['gradients_MiB']:.4g}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.table:
+    with open(args.table) as f:
+      print(table(json.load(f)))
+    return
   if args.memory_only:
     with open(args.out, "w") as f:
       json.dump(temp_sizes(args.dims, args.microbatches), f)
@@ -235,7 +342,7 @@ def main(argv=None):
       for name, t in r["timing"].items():
         t["temp_MiB_memory_scheduler"] = scheduled[f"{d},{m},{name}"]
         print(f"  {name:28s} {t['median_ms']:10.2f} ms (min {t['min_ms']:.2f},"
-              f" cpu {t['cpu_median_ms']:.2f})"
+              f" cpu {t['cpu_median_ms']:.2f}, cpu min {t['cpu_min_ms']:.2f})"
               f"  temp {t['temp_MiB']:8.2f} MiB"
               f" ({t['temp_MiB_memory_scheduler']:.2f} MiB with"
               " the memory scheduler)")
@@ -249,8 +356,10 @@ def main(argv=None):
                "settings": {"reps": args.reps,
                             "max_seconds": args.max_seconds,
                             "block_size": 1024, "precondition_every": 10},
-               "results": results}, f, indent=1)
+               "results": results,
+               "memory_growth": memory_growth(results)}, f, indent=1)
   print(f"wrote {args.out}")
+  print(table({"results": results}))
 
 
 if __name__ == "__main__":
