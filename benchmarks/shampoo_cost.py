@@ -58,7 +58,7 @@ to compare with the measured ``correction_overhead_twofold``.
 Usage::
 
   python benchmarks/shampoo_cost.py --quick      # d = 128, M = 4; ~1 minute
-  python benchmarks/shampoo_cost.py              # d in {256, 1024}, M in {4, 16}
+  python benchmarks/shampoo_cost.py              # d in {256,1024}, M in {4,16}
   python benchmarks/shampoo_cost.py --table benchmarks/results/shampoo_cost.json
 """
 
