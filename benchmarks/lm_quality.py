@@ -31,7 +31,8 @@ exist.
 
 Usage::
 
-  python benchmarks/lm_quality.py --quick          # adamw vs adamw_bc, seed 0
+  python benchmarks/lm_quality.py --quick          # adamw vs adamw_bc, seed 0, at
+                                                   # the rates the grid chose
                                                    # (runs/lm_quality_quick.*)
   python benchmarks/lm_quality.py                  # the whole grid (hours on CPU)
   python benchmarks/lm_quality.py --families adamw # one family
@@ -75,7 +76,7 @@ LR_GRID = {"adamw": (1.5e-3, 3e-3, 6e-3),
            "shampoo": (1.5e-3, 3e-3, 6e-3)}
 MAX_EXTEND = 2
 NOISE = 0.2
-QUICK_LR = 3e-3     # --quick: both arms at this rate (the middle of adamw's grid)
+QUICK_LR = 3e-3     # --quick, before the full grid has chosen: both arms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +352,13 @@ def selected_lrs(runs: list[dict], setting: Setting, family: str) -> dict:
     if scores:
       chosen[arm] = min(scores, key=scores.get)
   return chosen
+
+
+def quick_lrs(results: pathlib.Path, setting: Setting) -> dict:
+  """--quick's rates: each arm's choice in the full grid's results (same
+  settings), else ``QUICK_LR``: a fair quick comparison needs tuned rates."""
+  chosen = selected_lrs(load_runs(results), setting, "adamw")
+  return {arm: chosen.get(arm, QUICK_LR) for arm in MAIN_ARMS}
 
 
 def run_family(family: str, setting: Setting, seeds: int, run,
@@ -680,7 +688,8 @@ def report(results: pathlib.Path, setting: Setting, png: pathlib.Path,
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true",
-                 help="adamw vs adamw_bc at lr 3e-3, seed 0 (two runs)")
+                 help="adamw vs adamw_bc, seed 0 (two runs), each at the rate "
+                      "chosen in benchmarks/results/lm_quality.json")
   p.add_argument("--families", nargs="+", default=list(FAMILIES),
                  choices=FAMILIES)
   p.add_argument("--seeds", type=int, default=3)
@@ -721,8 +730,10 @@ def main(argv=None) -> None:
     run = lambda cell: run_cell(cell, setting, results, args.runs_dir,
                                 runner=train.main, code=code)
     if args.quick:
+      lrs = quick_lrs(RESULTS / "lm_quality.json", setting)
+      print(f"[lm_quality] --quick: learning rates {lrs}", flush=True)
       for arm in MAIN_ARMS:
-        run(Cell("adamw", arm, QUICK_LR, 0))
+        run(Cell("adamw", arm, lrs[arm], 0))
     else:
       for family in args.families:
         run_family(family, setting, args.seeds, run, noise=family == "adamw")

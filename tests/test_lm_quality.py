@@ -172,8 +172,11 @@ def test_family_grid_and_report(tmp_path):
                 "<!-- other:end -->\n")
   png = tmp_path / "q.png"
   lq.report(results, SETTING, png, md)
-  lq.report(results, SETTING, png, md)        # idempotent
+  once = md.read_text()
+  section = once.split(lq.BEGIN)[1].split(lq.END)[0]
+  lq.write_results_md(lq.BEGIN + section + lq.END + "\n", md)
   text = md.read_text()
+  assert text == once                          # replacing is idempotent
   assert text.startswith("# Results\n\nintro\n") and "keep me" in text
   assert text.count(lq.BEGIN) == text.count(lq.END) == 1
   section = text.split(lq.BEGIN)[1].split(lq.END)[0]
@@ -181,3 +184,14 @@ def test_family_grid_and_report(tmp_path):
   assert "-0.0300 ± 0.0000 | 3/3 | -0.149 |" in section
   assert "Not run yet: sophia, shampoo." in section
   assert png.stat().st_size > 0
+
+
+def test_quick_uses_the_rates_the_grid_chose(tmp_path):
+  results = tmp_path / "r.json"
+  assert lq.quick_lrs(results, SETTING) == {"std": lq.QUICK_LR,
+                                            "bc": lq.QUICK_LR}
+  run = run_with(FakeTrainer(best_lr=1.5e-3), results, tmp_path / "runs")
+  lq.choose_lr("adamw", "std", SETTING, run)
+  run(lq.Cell("adamw", "std", 1.5e-3, 1))     # other seeds do not vote
+  assert lq.quick_lrs(results, SETTING) == {"std": 1.5e-3, "bc": lq.QUICK_LR}
+  assert lq.quick_lrs(results, lq.Setting(steps=9))["std"] == lq.QUICK_LR
