@@ -126,12 +126,14 @@ def _flags(d: dict) -> list[str]:
   return out
 
 
-def common_flags(size: dict, phase: dict) -> list[str]:
+def common_flags(size: dict, phase: dict, eval_test: bool = True
+                 ) -> list[str]:
   eval_batches = size["eval_windows"] // (phase["microbatches"]
                                           * phase["microbatch_size"])
   return ["--preset", "tiny", "--optimizer", "adamw_bc", "--seq-len", "128",
           "--val-plays", ",".join(VALIDATION_PLAYS),
-          "--test-plays", ",".join(TEST_PLAYS), "--eval-test",
+          "--test-plays", ",".join(TEST_PLAYS),
+          *(["--eval-test"] if eval_test else []),
           "--eval-batches", str(eval_batches), "--progress", "off",
           *_flags(phase)]
 
@@ -143,20 +145,40 @@ def pretrain_argv(size: dict, runs: pathlib.Path) -> list[str]:
           *common_flags(size, PRETRAIN), "--out", str(runs / "pretrain")]
 
 
+def sensitivity_variants(size: dict) -> dict:
+  """{label: (run-name tag, --average-* overrides)}: BEMA/EMA variants run
+  on the validation plays only, to see how much the outcome depends on the
+  fixed defaults (never used to choose what is reported on the test plays).
+  """
+  burn_in = size["finetune_steps"] // 4
+  return {"defaults": ("defaults", {}),
+          f"burn-in {burn_in}": (f"burnin{burn_in}",
+                                 {"--average-burn-in": burn_in}),
+          "bias power 0.4": ("bias0.4", {"--average-bias-power": 0.4}),
+          "lag 100": ("lag100", {"--average-lag": 100.0})}
+
+
 def finetune_argv(size: dict, runs: pathlib.Path, seed: int, lr: float,
-                  average: str = "ema,bema", curves: bool = True
+                  average: str = "ema,bema", curves: bool = True,
+                  overrides: dict | None = None, tag: str = ""
                   ) -> list[str]:
-  """A fine-tuning run; ``curves=False``: evaluated at the end only."""
-  name = f"finetune_lr{lr:g}_seed{seed}" + ("" if average == "ema,bema"
-                                             else f"_{average}")
+  """A fine-tuning run; ``curves=False``: evaluated at the end only;
+  ``overrides`` (the sensitivity runs): --average-* flags replacing
+  AVERAGING's, and the validation split only, half as often."""
+  every = size["eval_every"] * (2 if overrides is not None else 1)
+  name = (f"finetune_lr{lr:g}_seed{seed}"
+          + ("" if average == "ema,bema" else f"_{average}")
+          + (f"_{tag}" if tag else ""))
   return ["--init-from", str(runs / "pretrain"),
           "--train-plays", ",".join(FINETUNE_PLAYS),
           "--steps", str(size["finetune_steps"]), "--lr", str(lr),
-          "--eval-every", str(size["eval_every"] if curves else 0),
+          "--eval-every", str(every if curves else 0),
           "--checkpoint-every", "100", "--seed", str(seed),
           "--average", average,
-          *(_flags(AVERAGING) if average != "none" else []),
-          *common_flags(size, FINETUNE), "--out", str(runs / name)]
+          *(_flags({**AVERAGING, **(overrides or {})})
+            if average != "none" else []),
+          *common_flags(size, FINETUNE, eval_test=overrides is None),
+          "--out", str(runs / name)]
 
 
 def command(argv: list[str]) -> str:
@@ -188,7 +210,7 @@ def record(out: pathlib.Path, summary: dict, argv: list[str]) -> dict:
   metrics = [json.loads(line) for line in
              (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
   return {"command": command(argv), "out": str(out), "summary": summary,
-          "evals": [r for r in metrics if "test_loss" in r],
+          "evals": [r for r in metrics if "val_loss" in r],
           "train_loss": [r["train_loss"] for r in metrics]}
 
 
@@ -234,12 +256,6 @@ def mean_se(x) -> dict:
           "n": n}
 
 
-def steps_to_reach(steps, losses, target) -> int | None:
-  """First step whose loss is <= target (None if never)."""
-  hit = np.flatnonzero(np.asarray(losses) <= target)
-  return int(np.asarray(steps)[hit[0]]) if hit.size else None
-
-
 def summarize(c: dict) -> dict:
   """Per-method and paired statistics of ``curves`` output."""
   steps = c["steps"]
@@ -249,17 +265,12 @@ def summarize(c: dict) -> dict:
         "final": c[m][:, -1].tolist(),
         # Mean over the fine-tune's evaluations (step 0, shared, excluded).
         "mean_over_steps": c[m][:, 1:].mean(axis=1).tolist(),
-        "steps_to_final_none": [steps_to_reach(steps, c[m][i],
-                                               c["none"][i, -1])
-                                for i in range(c[m].shape[0])],
+        # The lowest loss along the fine-tune and the first step with it.
+        "best": c[m][:, 1:].min(axis=1).tolist(),
+        "best_step": [int(steps[1:][i]) for i in c[m][:, 1:].argmin(axis=1)],
     }
-  stats = {m: {k: mean_se(v) for k, v in per_seed[m].items()
-               if k != "steps_to_final_none"} for m in METHODS}
-  for m in METHODS:
-    reached = [s for s in per_seed[m]["steps_to_final_none"] if s is not None]
-    stats[m]["steps_to_final_none"] = {
-        "mean": float(np.mean(reached)) if reached else None,
-        "reached": len(reached), "n": len(per_seed[m]["final"])}
+  stats = {m: {k: mean_se(v) for k, v in per_seed[m].items()}
+           for m in METHODS}
   paired = {}
   for a, b in (("bema", "none"), ("bema", "ema"), ("ema", "none")):
     paired[f"{a}-{b}"] = {
@@ -355,16 +366,15 @@ def markdown(payload: dict) -> str:
       f"{payload['pretrained']['test_loss']:.4f}, validation "
       f"{payload['pretrained']['val_loss']:.4f} nats/byte.",
       "",
-      f"| method | final test loss | mean test loss over the fine-tune | "
-      f"first step at none's final loss | final validation loss |",
-      "|---|---|---|---|---|",
+      "| method | final test loss | mean test loss over the fine-tune | "
+      "lowest test loss along it | at step | final validation loss |",
+      "|---|---|---|---|---|---|",
   ]
   for m in METHODS:
-    st = s["stats"][m]["steps_to_final_none"]
-    reach = (f"{st['mean']:.0f} ({st['reached']}/{st['n']} seeds)"
-             if st["mean"] is not None else f"never (0/{st['n']})")
-    lines.append(f"| {names[m]} | {fmt(s['stats'][m]['final'])} | "
-                 f"{fmt(s['stats'][m]['mean_over_steps'])} | {reach} | "
+    st = s["stats"][m]
+    lines.append(f"| {names[m]} | {fmt(st['final'])} | "
+                 f"{fmt(st['mean_over_steps'])} | {fmt(st['best'])} | "
+                 f"{fmt(st['best_step'], 0)} | "
                  f"{fmt(v['stats'][m]['final'])} |")
   lines += ["", "Paired differences (same seed, same trajectory; mean ± se "
             "over seeds; negative: the first method is better):", "",
@@ -374,7 +384,28 @@ def markdown(payload: dict) -> str:
     lines.append(f"| {k.replace('-', ' − ').upper().replace('NONE', 'none')}"
                  f" | {fmt(d['final'])} | {fmt(d['mean_over_steps'])} |")
   bn, be = s["paired"]["bema-none"], s["paired"]["bema-ema"]
+  where = payload["final_averages_vs_path"]
+  mean = lambda k: float(np.mean([w[k] for w in where]))
+  raw = s["curve"]["none"]["mean"]
+  low = int(np.argmin(raw[1:])) + 1
   lines += [
+      "",
+      "Where the averages end up (final checkpoints, mean over seeds): with "
+      "d = theta_T - theta_0 the fine-tune's displacement from the "
+      f"pretrained parameters (|d| = {mean('displacement_norm'):.2f}), "
+      "EMA - theta_T has a component "
+      f"{mean('ema_along_displacement'):+.3f} d and BEMA - theta_T "
+      f"{mean('bema_along_displacement'):+.3f} d (|EMA - theta_T| = "
+      f"{mean('ema_distance'):.2f}, |BEMA - theta_T| = "
+      f"{mean('bema_distance'):.2f}). A positive component means the "
+      "average lies beyond the last iterate, further from the pretrained "
+      "model: the EMA's memory of theta_0 decays much faster than the bias "
+      f"weight alpha_s = (lag + s)^-{AVERAGING['--average-bias-power']} "
+      f"(alpha at the last step: "
+      f"{payload_alpha(payload):.2f}), so alpha_s (theta_s - theta_0) "
+      "extrapolates along the path. The raw test loss (mean over seeds) is "
+      f"lowest at step {s['steps'][low]} ({raw[low]:.4f}) and ends at "
+      f"{raw[-1]:.4f}.",
       "",
       "Against the paper's claim (arXiv:2508.00180: BEMA converges faster "
       "and ends better than both EMA and no averaging): here BEMA's final "
@@ -383,6 +414,22 @@ def markdown(payload: dict) -> str:
       f"test loss is {verdict(bn['mean_over_steps'])} than the last "
       f"iterate's and {verdict(be['mean_over_steps'])} than EMA's.",
       "",
+      "Sensitivity, on the validation plays only (seed "
+      f"{payload['sensitivity']['seed']}, same learning rate; a variant "
+      "applies to both averages, the bias power to BEMA only): final "
+      "validation loss and its mean over the fine-tune's evaluations.",
+      "",
+      "| variant | none final | EMA final | BEMA final | none mean | "
+      "EMA mean | BEMA mean |",
+      "|---|---|---|---|---|---|---|",
+  ]
+  for label, var in payload["sensitivity"]["variants"].items():
+    val = var["val"]
+    lines.append(f"| {label} | " + " | ".join(
+        f"{val[m][k][0]:.4f}" for k in ("final", "mean_over_steps")
+        for m in METHODS) + " |")
+  lines += [
+      "",
       "![fine-tuning loss curves](results/finetune_averaging.png)",
       "",
       f"Reproduce: `python benchmarks/finetune_averaging.py` "
@@ -390,6 +437,12 @@ def markdown(payload: dict) -> str:
       "run's command is in `results/finetune_averaging.json`).",
   ]
   return "\n".join(lines)
+
+
+def payload_alpha(payload: dict) -> float:
+  """BEMA's alpha at the last fine-tuning step."""
+  s = payload["sizes"]["finetune_steps"] - AVERAGING["--average-burn-in"]
+  return (AVERAGING["--average-lag"] + s) ** -AVERAGING["--average-bias-power"]
 
 
 def plot(payload: dict, path: pathlib.Path) -> None:
@@ -406,8 +459,10 @@ def plot(payload: dict, path: pathlib.Path) -> None:
             if m != "none" else "none (last iterate)")
     if np.isfinite(se).all():
       ax.fill_between(steps, mean - se, mean + se, color=colors[m], alpha=0.2)
-  lo = min(min(s["curve"][m]["mean"][1:]) for m in METHODS)
-  hi = max(max(s["curve"][m]["mean"][1:]) for m in METHODS)
+  ax.axhline(payload["pretrained"]["test_loss"], color="gray", ls="--",
+             lw=0.8, label="pretrained model")
+  lo = min(min(s["curve"][m]["mean"]) for m in METHODS)
+  hi = max(max(s["curve"][m]["mean"]) for m in METHODS)
   ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.3 * (hi - lo))
   ax.set_title(f"held-out tragedies ({', '.join(TEST_PLAYS)}); step 0 = "
                "pretrained", fontsize=9)
@@ -442,6 +497,38 @@ def final_params(out: str) -> list[np.ndarray]:
   state = mngr.restore(mngr.latest_step(),
                        args=ocp.args.StandardRestore())
   return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+
+
+def flat_tree(tree) -> np.ndarray:
+  import jax
+  return np.concatenate([np.asarray(x, np.float64).ravel()
+                         for x in jax.tree.leaves(tree)])
+
+
+def displacement(out: str, pretrain_out: str) -> dict:
+  """Where the final averages sit relative to the fine-tune's path.
+
+  With d = theta_T - theta_0 (last iterate minus the pretrained
+  parameters): |d|, and for EMA and BEMA the distance to theta_T and the
+  coefficient of (average - theta_T) along d (negative: lags behind the
+  last iterate; positive: beyond it).
+  """
+  import orbax.checkpoint as ocp
+  from examples.lm import train
+  restored = {}
+  for key, path in (("fine", out), ("pre", pretrain_out)):
+    mngr = train.checkpoint_manager(pathlib.Path(path))
+    restored[key] = mngr.restore(mngr.latest_step(),
+                                 args=ocp.args.StandardRestore())
+  theta, theta0 = (flat_tree(restored[k]["params"]) for k in ("fine", "pre"))
+  d = theta - theta0
+  out_ = {"displacement_norm": float(np.linalg.norm(d))}
+  for k, name in enumerate(train.AVERAGES):
+    avg = flat_tree(restored["fine"]["opt_state"][train.AVERAGE_INDEX + k]
+                    ["average"]) - theta
+    out_[f"{name}_distance"] = float(np.linalg.norm(avg))
+    out_[f"{name}_along_displacement"] = float(avg @ d / (d @ d))
+  return out_
 
 
 def raw_agreement(a: dict, b: dict) -> dict:
@@ -492,6 +579,10 @@ def main(argv=None) -> dict:
           for seed in size["seeds"]]
   check = run(finetune_argv(size, runs_dir, size["seeds"][0], lr, "none"))
   agreement = raw_agreement(fine[0], check)
+  where = [displacement(r["out"], pre["out"]) for r in fine]
+  variants = {label: (overrides, run(finetune_argv(
+      size, runs_dir, SELECTION_SEED, lr, overrides=overrides, tag=tag)))
+              for label, (tag, overrides) in sensitivity_variants(size).items()}
 
   final_pre = pre["evals"][-1]
   start = {k: final_pre[k] for k in ("val_loss", "test_loss")}
@@ -510,13 +601,21 @@ def main(argv=None) -> dict:
                 "validation": VALIDATION_PLAYS, "test": TEST_PLAYS},
       "params": pre["summary"]["params"], "pretrained": start,
       "raw_vs_average_none": agreement,
+      "final_averages_vs_path": where,
       "summary": {split: summarize(curves(fine, start, split))
                   for split in ("test", "val")},
+      "sensitivity": {
+          "seed": SELECTION_SEED, "split": "val",
+          "variants": {label: {
+              "overrides": overrides, "command": r["command"],
+              "val": summarize(curves([r], start, "val"))["per_seed"]}
+                       for label, (overrides, r) in variants.items()}},
       "runs": {"pretrain": pre, **{f"finetune_seed{s}": r for s, r in
                                    zip(size["seeds"], fine)},
                f"finetune_seed{size['seeds'][0]}_none": check},
       "wall_s": round(sum(r["summary"]["wall_s"] for r in
-                          [pre, *selection.values(), *fine, check]), 1),
+                          [pre, *selection.values(), *fine, check,
+                           *(r for _, r in variants.values())]), 1),
       "script_wall_s": round(time.time() - t0, 1),
   }
   RESULTS_DIR.mkdir(parents=True, exist_ok=True)

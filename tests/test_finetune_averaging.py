@@ -49,6 +49,20 @@ def test_commands_parse_and_hold_out_the_evaluation_plays(label, tmp_path):
   fine0 = vars(train.parse_args(fa.finetune_argv(size, tmp_path, 0, 3e-4)))
   differ = {k for k in fine0 if fine0[k] != vars(none)[k]}
   assert differ == {"average", "out"}
+  # Sensitivity variants: validation only, each override reaches its flag.
+  outs = set()
+  for tag, overrides in fa.sensitivity_variants(size).values():
+    v = train.parse_args(fa.finetune_argv(size, tmp_path, 100, 3e-4,
+                                          overrides=overrides, tag=tag))
+    assert not v.eval_test and v.eval_every == 2 * size["eval_every"]
+    expect = {**fa.AVERAGING, **overrides}
+    assert [v.average_ema_power, v.average_bias_power, v.average_lag,
+            v.average_burn_in, v.average_every] == [
+                expect["--average-" + k] for k in
+                ("ema-power", "bias-power", "lag", "burn-in", "every")]
+    assert 0 <= v.average_burn_in < v.steps
+    outs.add(v.out)
+  assert len(outs) == len(fa.sensitivity_variants(size))
   assert fa.command(["--out", "a b"]) == "python -m examples.lm.train " \
       "--out 'a b'"
 
@@ -99,19 +113,17 @@ def test_summary_matches_plain_loops():
     assert st["mean_over_steps"]["mean"] == pytest.approx(sum(means) / 3,
                                                           rel=1e-12)
     assert out["curve"][m]["mean"][0] == 2.5      # the pretrained start
-    for i, r in enumerate(runs):                  # first step <= none final
-      target = r["evals"][-1]["test_loss"]
-      first = next((e["step"] for e in r["evals"] if e[key[m]] <= target),
-                   None)
-      assert out["per_seed"][m]["steps_to_final_none"][i] == first
+    for i, r in enumerate(runs):                  # lowest loss, first step
+      best = min(e[key[m]] for e in r["evals"])
+      assert out["per_seed"][m]["best"][i] == best
+      assert out["per_seed"][m]["best_step"][i] == next(
+          e["step"] for e in r["evals"] if e[key[m]] == best)
   diffs = [r["evals"][-1]["test_loss_bema"] - r["evals"][-1]["test_loss_ema"]
            for r in runs]
   d = out["paired"]["bema-ema"]["final"]
   assert d["mean"] == pytest.approx(sum(diffs) / 3, rel=1e-12)
   assert d["se"] == pytest.approx(se(diffs), rel=1e-12)
   assert out["paired"]["bema-none"]["curve"]["mean"][0] == 0.0
-  assert fa.steps_to_reach([0, 5, 10], [3.0, 2.0, 1.0], 0.5) is None
-  assert fa.steps_to_reach([0, 5, 10], [3.0, 2.0, 1.0], 2.0) == 5
   assert fa.verdict({"mean": -0.3, "se": 0.1}).startswith("lower (more")
   assert fa.verdict({"mean": 0.1, "se": 0.1}).startswith("higher (less")
 
@@ -135,3 +147,33 @@ def test_results_section_is_swapped_in_place():
                       + fa.END + "\n")
   with pytest.raises(ValueError, match="unbalanced"):
     fa.replace_section("a " + fa.BEGIN + " b", "x")
+
+
+def test_displacement_reads_the_averages_of_the_checkpoints(tmp_path):
+  import jax.numpy as jnp
+  rng = np.random.default_rng(2)
+  theta0 = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=5)}
+  d = {k: rng.normal(size=v.shape) for k, v in theta0.items()}
+  other = {k: rng.normal(size=v.shape) for k, v in theta0.items()}
+  flat = lambda t: np.concatenate([t["a"].ravel(), t["b"]])
+  dd, oo = flat(d), flat(other)
+  other = {k: v - (oo @ dd) / (dd @ dd) * d[k] for k, v in other.items()}
+  theta = {k: theta0[k] + d[k] for k in d}
+  ema = {k: theta[k] - 0.1 * d[k] for k in d}              # lags
+  bema = {k: theta[k] + 0.25 * d[k] + other[k] for k in d}  # beyond
+  f32 = lambda t: {k: jnp.asarray(v, jnp.float32) for k, v in t.items()}
+  states = {"pre": {"params": f32(theta0)},
+            "fine": {"params": f32(theta), "opt_state": [
+                {"x": jnp.zeros(1)}, {"y": jnp.zeros(1)},
+                {"average": f32(ema)}, {"average": f32(bema)}]}}
+  for name, state in states.items():
+    train.save_checkpoint(train.checkpoint_manager(tmp_path / name), 5, state)
+  got = fa.displacement(str(tmp_path / "fine"), str(tmp_path / "pre"))
+  cast = lambda t: {k: np.float64(np.float32(v)) for k, v in t.items()}
+  d32 = flat(cast(theta)) - flat(cast(theta0))
+  assert got["displacement_norm"] == pytest.approx(np.linalg.norm(d32),
+                                                   rel=1e-6)
+  assert got["ema_along_displacement"] == pytest.approx(-0.1, abs=1e-5)
+  assert got["bema_along_displacement"] == pytest.approx(0.25, abs=1e-5)
+  assert got["bema_distance"] == pytest.approx(
+      np.linalg.norm(0.25 * dd + flat(other)), rel=1e-5)
