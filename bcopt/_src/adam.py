@@ -41,6 +41,10 @@ def bias_correction(decay: chex.Numeric, count: chex.Array) -> chex.Array:
   return 1 - jnp.asarray(decay, dtype) ** count.astype(dtype)
 
 
+def _upcast(x: chex.Array) -> chex.Array:
+  return x.astype(microbatch.accumulation_dtype(x.dtype))
+
+
 def adam_terms(
     mu: PyTree, nu: PyTree, count: chex.Array, b1: chex.Numeric,
     b2: chex.Numeric, eps: chex.Numeric,
@@ -63,16 +67,23 @@ def adam_terms(
   """
   bc1 = bias_correction(b1, count)
   bc2 = bias_correction(b2, count)
+  # Both maps are affine in their input (the denominator in its square):
+  # fold the moments and the bias corrections into per-step constants once,
+  # so each call (one per fold or leave-one-out value) is a multiply-add.
+  m_scale = (1 - b1) / bc1
+  v_scale = (1 - b2) / bc2
+  m_base = jax.tree.map(lambda m: _upcast(m) * (b1 / bc1), mu)
+  v_base = jax.tree.map(lambda v: _upcast(v) * (b2 / bc2), nu)
 
   def numerator_fn(a):
     return jax.tree.map(
-        lambda m, x: (b1 * m + (1 - b1) * x) / bc1.astype(m.dtype), mu, a)
+        lambda k, x: k + m_scale.astype(k.dtype) * x, m_base, a)
 
   def denominator_fn(s):
     return jax.tree.map(
-        lambda v, x: jnp.sqrt(jnp.maximum(
-            (b2 * v + (1 - b2) * x * x) / bc2.astype(v.dtype), 0.0)) + eps,
-        nu, s)
+        lambda c, x: jnp.sqrt(jnp.maximum(
+            c + v_scale.astype(c.dtype) * (x * x), 0.0)) + eps,
+        v_base, s)
 
   return numerator_fn, denominator_fn
 

@@ -25,7 +25,14 @@ def check_estimator(inverse_correction: Any) -> None:
 
 
 def _corrected_leaf(p, variance, exponent):
-  inv = jnp.reciprocal(p) if exponent == 1 else p ** (-1.0 / exponent)
+  if exponent == 1:
+    # 1/p - V/p^3 = (1/p) (1 - V (1/p)^2): one division per value (this
+    # runs once per fold and microbatch in the cross-fit loops).
+    inv = jnp.reciprocal(p)
+    if variance is None:
+      return inv
+    return inv * jnp.maximum(1.0 - variance * (inv * inv), 0.0)
+  inv = p ** (-1.0 / exponent)
   if variance is None:
     return inv
   a = 1.0 / exponent
