@@ -66,7 +66,8 @@ def _upcast(tree: PyTree) -> PyTree:
 
 def _loo_mean(group_mean: PyTree, one: PyTree, n: int) -> PyTree:
   """Mean of a group of ``n`` without one member: ``(n m - x) / (n - 1)``."""
-  return jax.tree.map(lambda m, x: (n * m - x) / (n - 1), group_mean, one)
+  return jax.tree.map(lambda m, x: (n * m - x) * (1.0 / (n - 1)), group_mean,
+                      one)
 
 
 def denominator_spread(
@@ -265,13 +266,19 @@ def cross_fit(
   check_microbatch_count(mb, scheme, inverse_correction)
   loo_values = scheme == "loo" or inverse_correction == "jackknife"
 
-  def corrected_inverse(group: str, group_mean: PyTree) -> PyTree:
-    return group_inverse(
-        denominator_fn, stats, group_mean, mb, group, inverse_correction,
-        exponent=exponent, loo=loo_values)
-
+  # Groups are static slices on a stacked axis, 0/1 weightings on a named
+  # one (see microbatch.group_members).
   def group_means(tree: PyTree, group: str) -> PyTree:
-    return microbatch.mean(tree, axis_name, group)
+    if group == "all":  # the mean the caller's state update uses too
+      return microbatch.microbatch_mean(tree, axis_name)
+    members, members_mb, name = microbatch.group_members(tree, mb, group)
+    return microbatch.mean(members, members_mb.axis_name, name)
+
+  def corrected_inverse(group: str, group_mean: PyTree) -> PyTree:
+    members, members_mb, name = microbatch.group_members(stats, mb, group)
+    return group_inverse(
+        denominator_fn, members, group_mean, members_mb, name,
+        inverse_correction, exponent=exponent, loo=loo_values)
 
   if scheme is None:
     s_bar = group_means(stats, "all")

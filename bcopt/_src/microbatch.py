@@ -154,6 +154,67 @@ def group_size(mb: Microbatches, group: str) -> int:
           "second": mb.total - mb.total // 2}[group]
 
 
+def group_members(
+    tree: PyTree, mb: Microbatches, group: str
+) -> tuple[PyTree, Microbatches, str]:
+  """The microbatches of a group as ``(tree, layout, group)``.
+
+  On a stacked axis (no ``axis_name``) a group is a static slice of the
+  leading axis, returned with its own layout and group ``"all"``, so work on
+  it touches only its members; on a named axis membership depends on the
+  member, and the group stays a 0/1 weighting (:func:`group_weights`).
+
+  Args:
+    tree: microbatched tree with the layout ``mb``.
+    mb: the layout.
+    group: ``"all"``, ``"first"`` or ``"second"``.
+
+  Returns:
+    ``(tree, layout, group)`` to pass on to :func:`mean` and friends.
+  """
+  if mb.axis_name is not None or group == "all":
+    return tree, mb, group
+  half = mb.total // 2
+  part = slice(0, half) if group == "first" else slice(half, mb.total)
+  n = group_size(mb, group)
+  return (jax.tree.map(lambda x: x[part], tree),
+          Microbatches(local=n, total=n, axis_name=None), "all")
+
+
+def stored(tree: PyTree) -> PyTree:
+  """``tree``, computed once by its own kernels and stored (XLA:CPU).
+
+  XLA:CPU has no multi-output fusion: it copies a cheap elementwise producer
+  (such as a sum of M gradient slices) into every consumer kernel, so a mean
+  used by three kernels reads all M microbatches three times, and a
+  reduction over it (a global norm) becomes a single-threaded kernel that
+  sums the M slices itself. A conditional is a fusion boundary XLA keeps:
+  on CPU the tree passes through one whose taken branch is the identity, so
+  its producers run once, write it, and every consumer reads it. Only the
+  tree is stored, not its inputs: a scaled gradient (e.g. after
+  :func:`bcopt.clip_by_global_norm`) is still fused into its consumers.
+  Other backends fuse multiple outputs themselves, and there a conditional
+  would cost a device-host synchronisation, so they get ``tree`` unchanged.
+
+  Args:
+    tree: a tree of arrays.
+
+  Returns:
+    ``tree`` (the same values).
+  """
+
+  def on_cpu(t):
+    # (bits | 1) != 0 always holds, but XLA cannot fold it; the other branch
+    # (never taken) differs from the identity so the conditional is kept.
+    first = jnp.ravel(jax.tree.leaves(t)[0])[0]
+    bits = jax.lax.bitcast_convert_type(
+        first.astype(jnp.float32), jnp.int32)
+    return jax.lax.cond((bits | 1) != 0, lambda x: x,
+                        lambda x: jax.tree.map(jnp.zeros_like, x), t)
+
+  return jax.lax.platform_dependent(tree, cpu=on_cpu, default=lambda t: t)
+
+
 def sum_over_microbatches(
     fn: Callable[..., PyTree],
     *stacked: PyTree,
@@ -243,5 +304,9 @@ def microbatch_mean(updates: PyTree, axis_name: Optional[str] = None) -> PyTree:
     >>> bcopt.microbatch_mean(g)["w"]
     Array([2., 3.], dtype=float32)
   """
+  if axis_name is None and layout(updates).local > 1:
+    # gbar feeds the update and the moment EMAs; stored once, it costs one
+    # read of the gradients instead of one per consumer (with a named axis,
+    # the psum stores it already).
+    return stored(mean(updates))
   return mean(updates, axis_name)
-
