@@ -16,8 +16,10 @@ Two optax baselines, because on XLA:CPU the way the mean is taken dominates:
   compiled HLO) that is ~70x slower than a fused loop; ``jnp.sum(g, 0) / M``
   and reshaping to ``(M, -1)`` hit the same path.
 * (b) ``optax.scale_by_adam().update(bcopt.microbatch_mean(g))``: the mean as
-  an unrolled sum of slices, which XLA fuses into the Adam kernel. This is
-  the fair, fast baseline.
+  an unrolled sum of slices in one kernel, stored once on CPU (see
+  ``bcopt._src.microbatch.stored``) and read by the ``mu``, ``nu`` and update
+  kernels. This is the fair, fast baseline; Adam-BC takes its full-batch
+  mean the same way.
 
 The mean probe times these and other formulations alone, and (unless
 ``--no-xla-flag-probe``) again in a subprocess with
@@ -44,18 +46,32 @@ fold, shared by the variance and the fold updates). On an accelerator, where
 such an update is memory-bound, the ideal cost is thus that of the baseline.
 The JSON also records XLA's own cost analysis of the compiled CPU program
 (``bytes accessed``, ``flops``, ``transcendentals`` per parameter), which
-counts each top-level fusion's operands and results once: XLA:CPU compiles
-the new ``mu``, the new ``nu`` and the update as separate fusions, so it
-reads the gradients about three times. Persistent state bytes are measured
-as the sum of ``nbytes`` over the state leaves.
+counts each top-level fusion's operands and results once: XLA:CPU has no
+multi-output fusion, so the stored mean is one kernel reading the M
+gradient values, the new ``mu``, the new ``nu`` and the update are three
+more, and every cross-fit scheme reads the gradients once more in its
+update kernel. On this CPU the LOO update kernel is bound by arithmetic,
+not memory: per parameter it takes ``M + 1`` square roots, ``M`` divisions
+(one denominator and one inverse per fold) and about 20 other operations
+per fold, against one square root and one division for Adam. Persistent
+state bytes are measured as the sum of ``nbytes`` over the state leaves.
+
+Sophia-BC (issue 3) is the last section (``--no-sophia`` skips it): it runs
+``benchmarks/sophia_cost.py``'s update cells (refresh and cached-inverse
+steps, LOO + jackknife and standard, ``optax.contrib.scale_by_sophia``,
+against the same baselines) for every size at ``M = 8``, and its model cell:
+one ``bcopt.gnb_diag`` pass against one gradient pass on a small pure-JAX
+transformer, plus whole train steps.
 
 Usage::
 
-  python benchmarks/optimizer_overhead.py --quick      # < 1 minute
+  python benchmarks/optimizer_overhead.py --quick      # a few minutes
   python benchmarks/optimizer_overhead.py      # 2M and 16M params, M = 2, 8, 32
 
-Timings on a shared machine are noisy; the JSON records the load average
-before and after the run.
+Timings on a shared machine are noisy; every call's process CPU time (all
+threads) is recorded next to its wall time (ratios ``ratio_cpu_vs_*``), and
+the JSON records the load average before, between the sections and after
+the run.
 """
 
 import argparse
@@ -195,7 +211,12 @@ def xla_cost_per_param(compiled, n_params: int) -> dict[str, float]:
 
 
 class Runner:
-  """One jitted function with its donated state, callable once per round."""
+  """One jitted function with its donated state, callable once per round.
+
+  Each call returns its wall time and appends the process CPU time it took
+  (all threads, ``time.process_time``) to ``cpu_samples``: on a shared
+  machine the CPU time of a call varies less than its wall time.
+  """
 
   def __init__(self, fn: Callable, state: Any, args: tuple,
                donate: bool = True):
@@ -204,6 +225,7 @@ class Runner:
     self.args = args
     self.compiled = None
     self.compile_s = None
+    self.cpu_samples: list[float] = []
 
   def compile(self):
     t0 = time.perf_counter()
@@ -212,10 +234,12 @@ class Runner:
     return self.compiled
 
   def __call__(self) -> float:
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     out, self.state = self.compiled(self.state, *self.args)
     jax.block_until_ready((out, self.state))
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    self.cpu_samples.append(time.process_time() - c0)
+    return wall
 
 
 def time_interleaved(
@@ -228,6 +252,7 @@ def time_interleaved(
       r.compile()
     for _ in range(warmup):
       r()
+    r.cpu_samples.clear()
   names = list(runners)
   samples = {n: [] for n in names}
   start = time.perf_counter()
@@ -240,15 +265,34 @@ def time_interleaved(
   return samples
 
 
-def summarize(samples: list[float]) -> dict[str, float]:
+def summarize(samples: list[float],
+              cpu: Optional[list[float]] = None) -> dict[str, float]:
+  """Wall-time statistics of one variant (and its process CPU time)."""
   ms = 1e3 * np.asarray(samples)
-  return {
+  out = {
       "median_ms": round(float(np.median(ms)), 3),
       "p25_ms": round(float(np.percentile(ms, 25)), 3),
       "p75_ms": round(float(np.percentile(ms, 75)), 3),
       "min_ms": round(float(np.min(ms)), 3),
       "reps": len(samples),
   }
+  if cpu:
+    cpu_ms = 1e3 * np.asarray(cpu)
+    out |= {"cpu_median_ms": round(float(np.median(cpu_ms)), 3),
+            "cpu_min_ms": round(float(np.min(cpu_ms)), 3)}
+  return out
+
+
+def ratios(stats: dict[str, float], base: dict[str, float],
+           suffix: str) -> dict[str, float]:
+  """Ratios of ``summarize`` results: median wall, min wall, median CPU."""
+  out = {f"ratio_vs_{suffix}": round(stats["median_ms"] / base["median_ms"],
+                                     3),
+         f"ratio_min_vs_{suffix}": round(stats["min_ms"] / base["min_ms"], 3)}
+  if "cpu_median_ms" in stats and "cpu_median_ms" in base:
+    out[f"ratio_cpu_vs_{suffix}"] = round(
+        stats["cpu_median_ms"] / base["cpu_median_ms"], 3)
+  return out
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -317,14 +361,13 @@ def overhead_cell(size: str, m: int, reps: int, max_seconds: float,
     runners[name] = runner
     state_bytes[name] = tree_nbytes(tx.init(params))
   samples = time_interleaved(runners, reps, max_seconds, warmup=warmup)
-  base = {k: float(np.median(samples[k])) for k in (BASELINE_A, BASELINE_B)}
+  stats = {k: summarize(s, runners[k].cpu_samples) for k, s in samples.items()}
   variants = {}
-  for name, s in samples.items():
-    med = float(np.median(s))
+  for name in samples:
     variants[name] = {
-        **summarize(s),
-        "ratio_vs_a": round(med / base[BASELINE_A], 3),
-        "ratio_vs_b": round(med / base[BASELINE_B], 3),
+        **stats[name],
+        **ratios(stats[name], stats[BASELINE_A], "a"),
+        **ratios(stats[name], stats[BASELINE_B], "b"),
         "compile_s": round(runners[name].compile_s, 2),
         "state_bytes": state_bytes[name],
         "state_bytes_vs_optax": state_bytes[name] / state_bytes[BASELINE_A],
@@ -372,7 +415,7 @@ def mean_probe_cell(size: str, m: int, reps: int, max_seconds: float,
   samples = time_interleaved(runners, reps, max_seconds, warmup=warmup)
   out = {"size": size, "M": m, "formulations": {}}
   for name, s in samples.items():
-    out["formulations"][name] = {**summarize(s),
+    out["formulations"][name] = {**summarize(s, runners[name].cpu_samples),
                                  "uses_ynn_fusion": hlo_ynn[name]}
   del runners, grads
   gc.collect()
@@ -423,8 +466,12 @@ def parse_args(argv=None):
                  help="rounds of the mean probe (default 7)")
   p.add_argument("--no-xla-flag-probe", action="store_true",
                  help="skip the mean probe with the YNNPACK reduction off")
+  p.add_argument("--no-sophia", action="store_true",
+                 help="skip the Sophia-BC section (sophia_cost.py's update"
+                 f" cells at M={TARGET_M} and its gnb_diag model cell)")
   p.add_argument("--quick", action="store_true",
-                 help="a < 1 minute subset: 2M params, M = 8, 5 rounds")
+                 help="a subset: 2M params, M = 8, 5 rounds; Sophia with a"
+                 " 1-layer model")
   p.add_argument("--out", default=None, help="JSON path (default"
                  " benchmarks/results/optimizer_overhead[_quick].json)")
   p.add_argument("--probe-only", action="store_true",
@@ -459,7 +506,8 @@ def report(cells, probe, probe_flag) -> str:
     sc = [c for c in cells if c["size"] == size]
     names = list(dict.fromkeys(v for c in sc for v in
                                list(c["variants"]) + list(c["skipped"])))
-    header = ["update", *(f"M={c['M']}: ms, x(a), x(b)" for c in sc)]
+    header = ["update", *(f"M={c['M']}: ms, x(a), x(b), CPU x(b)"
+                          for c in sc)]
     rows = []
     for name in names:
       row = [short(name)]
@@ -467,11 +515,13 @@ def report(cells, probe, probe_flag) -> str:
         v = c["variants"].get(name)
         row.append("n/a (M < 4)" if v is None else
                    f"{v['median_ms']:.1f}, {v['ratio_vs_a']:.2f}x,"
-                   f" {v['ratio_vs_b']:.2f}x")
+                   f" {v['ratio_vs_b']:.2f}x,"
+                   f" {v.get('ratio_cpu_vs_b', float('nan')):.2f}x")
       rows.append(row)
     out.append(f"\n### {size} parameters ({sc[0]['n_params']:,},"
-               f" {sc[0]['leaves']} leaves), median ms and ratio to the"
-               " optax baselines\n")
+               f" {sc[0]['leaves']} leaves): median wall ms, its ratio to"
+               " the optax baselines, and the ratio of median process CPU"
+               " time to (b)'s\n")
     out.append(markdown_table(header, rows))
   # Bytes and state (first size; every M).
   sc = [c for c in cells if c["size"] == cells[0]["size"]]
@@ -532,12 +582,41 @@ def verdicts(cells) -> list[dict[str, Any]]:
     v = c["variants"].get("bc loo + jackknife")
     if c["M"] != TARGET_M or v is None:
       continue
-    out.append({
-        "size": c["size"], "M": c["M"], "target_ratio": TARGET_RATIO,
-        "ratio_vs_a": v["ratio_vs_a"], "met_vs_a": v["ratio_vs_a"]
-        <= TARGET_RATIO, "ratio_vs_b": v["ratio_vs_b"],
-        "met_vs_b": v["ratio_vs_b"] <= TARGET_RATIO})
+    row = {"size": c["size"], "M": c["M"], "target_ratio": TARGET_RATIO}
+    for base in ("a", "b"):
+      for kind in ("", "min_", "cpu_"):
+        key = f"ratio_{kind}vs_{base}"
+        if key in v:
+          row[key] = v[key]
+      row[f"met_vs_{base}"] = v[f"ratio_vs_{base}"] <= TARGET_RATIO
+      row[f"met_cpu_vs_{base}"] = v.get(
+          f"ratio_cpu_vs_{base}", np.inf) <= TARGET_RATIO
+    out.append(row)
   return out
+
+
+def sophia_section(args) -> dict[str, Any]:
+  """Issue 3's rows: Sophia-BC against the same optax Adam baselines.
+
+  Runs ``benchmarks/sophia_cost.py``'s two parts (one code path for both
+  scripts): the update on refresh and cached-inverse steps for every size
+  at ``M = 8``, and one ``gnb_diag`` pass against one gradient pass (and
+  whole train steps) on its small transformer.
+  """
+  import sophia_cost  # pylint: disable=g-import-not-at-top
+  cells = []
+  for size in args.sizes:
+    print(f"  Sophia-BC update: {size} params, M={TARGET_M} ...", flush=True)
+    cells.append(sophia_cost.update_cell(size, TARGET_M, args.reps,
+                                         args.max_seconds, args.warmup))
+  model_cfg = sophia_cost.ModelConfig(
+      **({"layers": 1, "seq": 64, "batch": 2} if args.quick else {}))
+  print(f"  gnb_diag vs gradient pass: {model_cfg} ...", flush=True)
+  model = sophia_cost.model_cell(model_cfg, args.reps, args.max_seconds,
+                                 args.warmup, core_only=args.quick)
+  return {"update_cells": cells, "model": model,
+          "refresh_interval": sophia_cost.REFRESH_INTERVAL,
+          "markdown": sophia_cost.report(cells, model)}
 
 
 def main(argv=None):
@@ -567,16 +646,22 @@ def main(argv=None):
     print(f"  mean probe with XLA_FLAGS={YNN_OFF_FLAG} (subprocess) ...",
           flush=True)
     probe_flag = run_probe_subprocess(args)
+  env["loadavg_after_adam"] = list(os.getloadavg())
+  sophia = None if args.no_sophia else sophia_section(args)
   env["loadavg_end"] = list(os.getloadavg())
   env["wall_seconds"] = round(time.perf_counter() - t_start, 1)
   table = report(cells, probe, probe_flag)
+  if sophia:
+    table += "\n\n## Sophia-BC (issue 3)\n" + sophia["markdown"]
   print(table)
   verdict = verdicts(cells)
   for v in verdict:
     print(f"\ntarget (LOO + jackknife at M={v['M']} <= {TARGET_RATIO}x"
-          f" optax), {v['size']}: vs (a) {v['ratio_vs_a']:.2f}x ->"
-          f" {'met' if v['met_vs_a'] else 'NOT met'}; vs (b)"
-          f" {v['ratio_vs_b']:.2f}x -> {'met' if v['met_vs_b'] else 'NOT met'}")
+          f" optax), {v['size']}: median wall vs (a) {v['ratio_vs_a']:.2f}x"
+          f" -> {'met' if v['met_vs_a'] else 'NOT met'}; vs (b)"
+          f" {v['ratio_vs_b']:.2f}x -> {'met' if v['met_vs_b'] else 'NOT met'}"
+          f"; median CPU vs (b) {v.get('ratio_cpu_vs_b', float('nan')):.2f}x"
+          f" -> {'met' if v['met_cpu_vs_b'] else 'NOT met'}")
   write_json(args.out, {
       "command": command_line(),
       "environment": env,
@@ -587,7 +672,8 @@ def main(argv=None):
       "notes": {
           "timing": "median over interleaved rounds of one jitted update"
                     " call with donated state, block_until_ready, compile"
-                    " and warm-up calls excluded",
+                    " and warm-up calls excluded; cpu_* is the process CPU"
+                    " time (all threads) of the same calls",
           "ideal_fused_bytes_per_param":
               "4*M + 20: read M gradient values, mu and nu; write mu, nu and"
               " the update (float32). Every statistic reduces over the M"
@@ -599,6 +685,7 @@ def main(argv=None):
       },
       "cells": cells,
       "target": verdict,
+      "sophia": sophia,
       "mean_probe": probe,
       "mean_probe_ynn_reduce_off": probe_flag,
       "markdown": table,
