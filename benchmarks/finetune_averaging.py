@@ -433,8 +433,13 @@ def markdown(payload: dict) -> str:
       "![fine-tuning loss curves](results/finetune_averaging.png)",
       "",
       f"Reproduce: `python benchmarks/finetune_averaging.py` "
-      f"({payload['wall_s'] / 60:.0f} min here on 2 shared CPU cores; every "
-      "run's command is in `results/finetune_averaging.json`).",
+      f"({payload['wall_s'] / 60:.0f} min of training here on 2 CPU cores "
+      "shared with other jobs: " + ", ".join(
+          f"{part} {sec / 60:.1f}"
+          for part, sec in payload["wall_s_by_part"].items())
+      + " min; finished runs are reused, so a re-run only rebuilds the "
+      "report; every run's command is in "
+      "`results/finetune_averaging.json`).",
   ]
   return "\n".join(lines)
 
@@ -613,11 +618,18 @@ def main(argv=None) -> dict:
       "runs": {"pretrain": pre, **{f"finetune_seed{s}": r for s, r in
                                    zip(size["seeds"], fine)},
                f"finetune_seed{size['seeds'][0]}_none": check},
-      "wall_s": round(sum(r["summary"]["wall_s"] for r in
-                          [pre, *selection.values(), *fine, check,
-                           *(r for _, r in variants.values())]), 1),
+      "wall_s_by_part": {part: round(sum(r["summary"]["wall_s"]
+                                         for r in records), 1)
+                         for part, records in (
+                             ("pretraining", [pre]),
+                             ("learning-rate selection",
+                              list(selection.values())),
+                             ("seeds", fine), ("--average none check", [check]),
+                             ("sensitivity",
+                              [r for _, r in variants.values()]))},
       "script_wall_s": round(time.time() - t0, 1),
   }
+  payload["wall_s"] = round(sum(payload["wall_s_by_part"].values()), 1)
   RESULTS_DIR.mkdir(parents=True, exist_ok=True)
   json_path = RESULTS_DIR / f"finetune_averaging{suffix}.json"
   json_path.write_text(json.dumps(payload, indent=1) + "\n")
