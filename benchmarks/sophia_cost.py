@@ -9,7 +9,7 @@ non-refresh step (cached inverse), for LOO + jackknife and for the standard
 variant (``cross_fit=None, inverse_correction=None``), against
 
 * (a) ``optax.scale_by_adam(jnp.mean(g, 0))`` and
-  (b) ``optax.scale_by_adam(bcopt.microbatch_mean(g))`` (see
+  (b) ``optax.scale_by_adam`` on the fused mean of ``g`` (see
   ``optimizer_overhead.py`` for why both),
 * ``bcopt.scale_by_adam_bc`` (LOO + jackknife), and
 * ``optax.contrib.scale_by_sophia`` on the mean gradient, with its Hessian
@@ -107,7 +107,7 @@ def update_cell(size: str, m: int, reps: int, max_seconds: float,
           lambda s, g: adam.update(oo.jnp_mean(g), s), adam.init(params),
           (grads,)),
       oo.BASELINE_B: oo.Runner(
-          lambda s, g: adam.update(bcopt.microbatch_mean(g), s),
+          lambda s, g: adam.update(oo.fused_mean(g), s),
           adam.init(params), (grads,)),
   }
   adam_bc = bcopt.scale_by_adam_bc()
