@@ -53,7 +53,8 @@ def test_commands_parse_and_hold_out_the_evaluation_plays(label, tmp_path):
   outs = set()
   for tag, overrides in fa.sensitivity_variants(size).values():
     v = train.parse_args(fa.finetune_argv(size, tmp_path, 100, 3e-4,
-                                          overrides=overrides, tag=tag))
+                                          overrides=overrides, tag=tag,
+                                          validation_only=True))
     assert not v.eval_test and v.eval_every == 2 * size["eval_every"]
     expect = {**fa.AVERAGING, **overrides}
     assert [v.average_ema_power, v.average_bias_power, v.average_lag,
@@ -65,6 +66,14 @@ def test_commands_parse_and_hold_out_the_evaluation_plays(label, tmp_path):
   assert len(outs) == len(fa.sensitivity_variants(size))
   assert fa.command(["--out", "a b"]) == "python -m examples.lm.train " \
       "--out 'a b'"
+
+
+def test_select_variant_per_average():
+  val = {"defaults": {"ema": {"final": [1.73]}, "bema": {"final": [1.76]}},
+         "every": {"ema": {"final": [1.72]}, "bema": {"final": [1.71]}},
+         "bias": {"ema": {"final": [1.74]}, "bema": {"final": [1.70]}}}
+  assert fa.select_variant(val, "ema") == "every"
+  assert fa.select_variant(val, "bema") == "bias"
 
 
 def test_select_lr_takes_the_lowest_final_validation_loss():
