@@ -127,6 +127,9 @@ def test_averages_read_out_without_changing_training(runs, corpus_path,
       corpus_path, tmp_path, "adamw", "--average", "bema,ema",
       "--average-ema-power", "0", "--average-burn-in", "4", "--eval-test"))
   got, ref = metrics(tmp_path), metrics(none_out)
+  # Bitwise with --fast-compile; under full XLA optimisation the extra
+  # averaging ops change the fusion of the step and the last bits of the
+  # parameters (benchmarks/finetune_averaging.py measures it).
   assert [r["train_loss"] for r in got] == [r["train_loss"] for r in ref]
   assert [r.get("val_loss") for r in got] == [r.get("val_loss") for r in ref]
   assert summary["final_eval_loss"] == none["final_eval_loss"]
