@@ -16,12 +16,9 @@ Two optax baselines, because on XLA:CPU the way the mean is taken dominates:
   compiled HLO) that is ~70x slower than a fused loop; ``jnp.sum(g, 0) / M``
   and reshaping to ``(M, -1)`` hit the same path.
 * (b) ``optax.scale_by_adam().update(microbatch.mean(g))``: the mean as an
-  unrolled sum of slices (``bcopt._src.microbatch.mean``), which XLA fuses
-  into each Adam kernel. This is the fair, fast baseline. (The public
-  ``bcopt.microbatch_mean``, which Adam-BC uses, also stores the mean once
-  on CPU; that pays off in front of a global norm and behind a clip, see
-  ``bcopt._src.microbatch.stored``, but costs 10-20% on a bare Adam update
-  at 16M parameters, so the baseline does not use it.)
+  unrolled sum of slices (``bcopt._src.microbatch.mean``, which
+  ``bcopt.microbatch_mean`` is), which XLA fuses into each Adam kernel. This
+  is the fair, fast baseline.
 
 Two more rows put a global-norm clip in front, as README's chain does:
 ``optax.clip_by_global_norm`` + ``optax.scale_by_adam`` on the fused mean,
@@ -416,8 +413,7 @@ MEAN_FORMULATIONS = {
     "jnp.mean(g.reshape(M, -1), 0)": lambda g: jax.tree.map(
         lambda x: jnp.mean(x.reshape(x.shape[0], -1), 0).reshape(x.shape[1:]),
         g),
-    "bcopt.microbatch_mean(g) (stored)": bcopt.microbatch_mean,
-    "unrolled sum of slices (fused)": fused_mean,
+    "bcopt.microbatch_mean(g)": bcopt.microbatch_mean,
     "jnp.tensordot(ones(M) / M, g, 1)": lambda g: jax.tree.map(
         lambda x: jnp.tensordot(jnp.full((x.shape[0],), 1 / x.shape[0],
                                          x.dtype), x, 1), g),

@@ -185,17 +185,14 @@ def stored(tree: PyTree) -> PyTree:
   """``tree``, computed once by its own kernels and stored (XLA:CPU).
 
   XLA:CPU has no multi-output fusion: it copies a cheap elementwise producer
-  (such as a sum of M gradient slices) into every consumer kernel. For the
-  full-batch mean that goes wrong in two ways. A reduction over it (the
-  global norm in :func:`bcopt.clip_by_global_norm`) becomes one
-  single-threaded YNNPACK kernel that sums the M slices itself (46 ms
-  against 4 ms over a stored mean, 2M parameters, M = 8). And a kernel that
-  uses the mean twice (numerator and denominator) evaluates each slice twice,
-  which for M >= 8 exceeds XLA's code-duplication limit, so a scaled
-  gradient in front of it (after clipping) is written out whole, M times
-  the parameter size (clip + Adam 70 -> 24 ms). The price is a stored
-  param-sized tree: on a bare update with 16M parameters, 10-20% over
-  re-summing in each kernel. A conditional is a fusion boundary XLA keeps:
+  (such as the sum of M gradient slices that :func:`microbatch_mean` is)
+  into every consumer kernel. For elementwise consumers that is what we
+  want (storing the mean of a bare Adam-BC update and reading it back cost
+  up to 4x at 16M parameters on a shared 2-core machine: every stored
+  temporary is fresh memory), but a reduction over it (the global norm in
+  :func:`bcopt.clip_by_global_norm`) becomes one single-threaded YNNPACK
+  kernel that sums the M slices itself: 46 ms against 4 ms over a stored
+  mean, 2M parameters, M = 8. A conditional is a fusion boundary XLA keeps:
   on CPU the tree passes through one whose taken branch is the identity, so
   its producers run once and write it. Only the tree is stored, not its
   inputs. Other backends get ``tree`` unchanged (there a conditional would
@@ -309,8 +306,4 @@ def microbatch_mean(updates: PyTree, axis_name: Optional[str] = None) -> PyTree:
     >>> bcopt.microbatch_mean(g)["w"]
     Array([2., 3.], dtype=float32)
   """
-  if axis_name is None and layout(updates).local > 1:
-    # gbar feeds the update, the moment EMAs and often a global norm (see
-    # stored); with a named axis the psum stores it already.
-    return stored(mean(updates))
   return mean(updates, axis_name)

@@ -54,7 +54,10 @@ def clip_by_global_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    g_norm = optax.tree.norm(microbatch.microbatch_mean(updates, axis_name))
+    g_bar = microbatch.microbatch_mean(updates, axis_name)
+    if axis_name is None:  # else a single-threaded reduce (psum stores it)
+      g_bar = microbatch.stored(g_bar)
+    g_norm = optax.tree.norm(g_bar)
     trigger = g_norm < max_norm
 
     def clip_fn(t):
