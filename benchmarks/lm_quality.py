@@ -705,8 +705,9 @@ def main(argv=None) -> None:
                  help="results JSON (default benchmarks/results/"
                       "lm_quality.json; runs/lm_quality_quick.json with "
                       "--quick); the PNG goes next to it")
-  p.add_argument("--runs-dir", type=pathlib.Path, default=ROOT / "runs" /
-                 "lm_quality", help="run output folders")
+  p.add_argument("--runs-dir", type=pathlib.Path,
+                 help="run output folders (default runs/lm_quality, "
+                      "runs/lm_quality_quick with --quick)")
   args = p.parse_args(argv)
   setting = Setting(preset=args.preset, steps=args.steps,
                     microbatches=args.microbatches,
@@ -717,6 +718,8 @@ def main(argv=None) -> None:
   results = args.results or (ROOT / "runs" / "lm_quality_quick.json"
                              if args.quick else RESULTS / "lm_quality.json")
   png = results.with_suffix(".png")
+  runs_dir = args.runs_dir or ROOT / "runs" / (
+      "lm_quality_quick" if args.quick else "lm_quality")
   if args.devices > 1 and "XLA_FLAGS" not in os.environ and (
       args.preset == "tiny"):
     print("[lm_quality] note: on CPU, --devices N needs XLA_FLAGS="
@@ -727,7 +730,7 @@ def main(argv=None) -> None:
   if not args.report_only:
     from examples.lm import train   # imported now: `code` describes it
     code = git_state()
-    run = lambda cell: run_cell(cell, setting, results, args.runs_dir,
+    run = lambda cell: run_cell(cell, setting, results, runs_dir,
                                 runner=train.main, code=code)
     if args.quick:
       lrs = quick_lrs(RESULTS / "lm_quality.json", setting)
