@@ -76,6 +76,7 @@ LR_GRID = {"adamw": (1.5e-3, 3e-3, 6e-3),
            "shampoo": (1.5e-3, 3e-3, 6e-3)}
 MAX_EXTEND = 2
 NOISE = 0.2
+LIGHT_LOAD = 4.0    # report: runs started below this 1-minute load average
 QUICK_LR = 3e-3     # --quick, before the full grid has chosen: both arms
 
 
@@ -419,6 +420,13 @@ def summarize(runs: list[dict], setting: Setting) -> dict:
           (r["lr"], r["final_val_loss"]) for r in runs
           if setting.matches(r) and r["data"] == "shakespeare"
           and r["family"] == family and r["variant"] == arm and r["seed"] == 0)
+    # Settled: the choose_lr rule would stop here (optimum inside the
+    # tried rates, or the extension budget used up).
+    fam["settled"] = {
+        arm: len(pts) >= len(LR_GRID[family]) and (
+            lrs.get(arm) not in (pts[0][0], pts[-1][0])
+            or len(pts) >= len(LR_GRID[family]) + MAX_EXTEND)
+        for arm, pts in fam["grid"].items() if pts}
     arm_lr = {"std": lrs.get("std"), "bc": lrs.get("bc")}
     for arm in ABLATIONS:
       arm_lr[arm] = lrs.get("bc")
@@ -483,6 +491,7 @@ def report_markdown(runs: list[dict], setting: Setting, summary: dict,
   walls = [r["wall_s"] for r in ok]
   cpus = [r["cpu_s"] for r in ok if r.get("cpu_s") is not None]
   loads = [r["loadavg_1m"] for r in sel if r.get("loadavg_1m") is not None]
+  light = [r["wall_s"] for r in ok if r.get("loadavg_1m", 99) < LIGHT_LOAD]
   lines += [
       f"`{setting.preset}` preset, {setting.steps} steps of M = "
       f"{setting.microbatches} microbatches x {setting.microbatch_size} "
@@ -503,15 +512,20 @@ def report_markdown(runs: list[dict], setting: Setting, summary: dict,
          f"wall time ({np.median(cpus):.0f} s of process CPU time including "
          f"compilation) on this 2-core CPU machine, shared with other jobs "
          f"(1-minute load average {min(loads):.1f}-{max(loads):.1f} at the "
-         f"runs' starts)." if walls and cpus and loads else "."),
+         f"runs' starts)" if walls and cpus and loads else "")
+      + (f"; the {len(light)} runs started at a load average below "
+         f"{LIGHT_LOAD:g} took a median {np.median(light):.0f} s." if light
+         else "."),
       "",
       "| family | lr std | lr bc | test std | test bc | bc - std | improved "
       "| paper (Qwen2.5-0.5B) |",
       "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for family, fam in summary.items():
     arms, d = fam["arms"], fam["diffs"].get("bc")
+    pending = [a for a in MAIN_ARMS if not fam["settled"].get(a)]
     lines.append(
-        f"| {family} | {fmt_lr(fam['lr'].get('std'))} | "
+        f"| {family}{' (lr search in progress)' if pending else ''} | "
+        f"{fmt_lr(fam['lr'].get('std'))} | "
         f"{fmt_lr(fam['lr'].get('bc'))} | "
         f"{fmt_loss(arms.get('std', {}).get('mean'))} | "
         f"{fmt_loss(arms.get('bc', {}).get('mean'))} | {fmt_diff(d)} | "
@@ -550,14 +564,16 @@ def report_markdown(runs: list[dict], setting: Setting, summary: dict,
             "| family | arm | lr: validation loss |", "| --- | --- | --- |"]
   for family, fam in summary.items():
     for arm, pts in fam["grid"].items():
+      if not pts:
+        continue
       cells = []
       for lr, v in pts:
         s = f"{lr:g}: {fmt_loss(v) if v is not None else 'diverged'}"
         cells.append(f"**{s}**" if lr == fam["lr"].get(arm) else s)
-      edge = (pts and len(pts) > 1
-              and fam["lr"].get(arm) in (pts[0][0], pts[-1][0]))
-      lines.append(f"| {family} | {arm} | {', '.join(cells)}"
-                   f"{' (edge)' if edge else ''} |")
+      edge = fam["lr"].get(arm) in (pts[0][0], pts[-1][0])
+      note = ("" if not edge else " (edge: extension budget used up)"
+              if fam["settled"].get(arm) else " (search in progress)")
+      lines.append(f"| {family} | {arm} | {', '.join(cells)}{note} |")
   missing = [f for f in FAMILIES if f not in summary]
   if missing:
     lines += ["", f"Not run yet: {', '.join(missing)}."]

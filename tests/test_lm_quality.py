@@ -183,6 +183,12 @@ def test_family_grid_and_report(tmp_path):
   assert "| adamw | 0.003 | 0.003 |" in section
   assert "-0.0300 ± 0.0000 | 3/3 | -0.149 |" in section
   assert "Not run yet: sophia, shampoo." in section
+  assert "in progress" not in section and "(edge" not in section
+  partial = [r for r in lq.load_runs(results)
+             if not (r["variant"] == "bc" and r["lr"] == 1.5e-3)]
+  section = lq.report_markdown(partial, SETTING, lq.summarize(partial, SETTING),
+                               "q.png", "r.json")
+  assert "| adamw (lr search in progress) |" in section
   assert png.stat().st_size > 0
 
 
