@@ -63,10 +63,8 @@ Usage::
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -93,6 +91,9 @@ import numpy as np
 import optax
 
 import bcopt
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import optimizer_overhead as oo  # pylint: disable=g-import-not-at-top
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "results")
@@ -128,13 +129,7 @@ def parse_args(argv=None):
 
 
 def environment():
-  cpu = platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f
-                  if line.startswith("model name")), cpu)
-  except OSError:
-    pass
+  """optimizer_overhead's environment plus git describe and OpenBLAS threads."""
   try:
     git = subprocess.run(
         ["git", "describe", "--always", "--dirty"], capture_output=True,
@@ -142,17 +137,8 @@ def environment():
         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     git = None
-  return {
-      "git": git,
-      "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "python": platform.python_version(), "jax": jax.__version__,
-      "optax": optax.__version__, "backend": jax.default_backend(),
-      "cpu_model": cpu, "cpus_usable": len(os.sched_getaffinity(0)),
-      "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-      "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-      "loadavg_start": list(os.getloadavg()),
-  }
+  return {"git": git, **oo.environment(),
+          "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")}
 
 
 def variants(d, m):

@@ -38,11 +38,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import pathlib
-import platform
 import shlex
 import sys
 import time
@@ -61,45 +59,18 @@ from examples.lm import data as data_lib
 from examples.lm import model as model_lib
 from examples.lm import train
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import lm_quality as lq  # pylint: disable=g-import-not-at-top
+import optimizer_overhead as oo  # pylint: disable=g-import-not-at-top
+
 FAMILIES = ("adamw", "sophia", "shampoo")
 TARGET = 1.15   # issue 6: adamw_bc and sophia_bc (non-refresh) <= 1.15x std
 
 
 def environment() -> dict:
-  cpu = platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f
-                  if line.startswith("model name")), cpu)
-  except OSError:
-    pass
-  return {
-      "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "python": platform.python_version(), "jax": jax.__version__,
-      "optax": optax.__version__, "backend": jax.default_backend(),
-      "cpu_model": cpu, "cpus_usable": len(os.sched_getaffinity(0)),
-      "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-      "loadavg_start": list(os.getloadavg()),
-      "git": git_state(),   # of the code imported by this process
-  }
-
-
-def git_state() -> dict:
-  """HEAD and the tracked files under bcopt/ and examples/ that differ from it
-  (other sessions may edit the checkout while a benchmark runs)."""
-  import subprocess
-  def git(*a):
-    try:
-      return subprocess.run(["git", *a], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-      return None
-  dirty = git("status", "--porcelain", "--untracked-files=no", "--",
-              "bcopt", "examples")
-  return {"commit": git("rev-parse", "HEAD"),
-          "modified": [line.split(maxsplit=1)[1]
-                       for line in (dirty or "").splitlines()]}
+  """optimizer_overhead's environment plus the git state of the code."""
+  return {**oo.environment(),
+          "git": lq.git_state()}   # of the code imported by this process
 
 
 def train_args(preset: str, optimizer: str, shape: dict) -> argparse.Namespace:
