@@ -363,18 +363,27 @@ def quick_lrs(results: pathlib.Path, setting: Setting) -> dict:
 
 
 def run_family(family: str, setting: Setting, seeds: int, run,
-               noise: bool) -> None:
+               noise: bool, arms: tuple[str, ...] = MAIN_ARMS + ABLATIONS
+               ) -> None:
+  """The learning-rate search of both main arms, then seeds ``0 .. seeds-1``
+  of every arm in ``arms`` (and of the noisy main arms if ``noise``).
+
+  ``arms`` only narrows the seeded cells (for example more seeds for a few
+  arms); the search always runs, since every arm's rate comes from it.
+  """
   lrs = {arm: choose_lr(family, arm, setting, run)[0] for arm in MAIN_ARMS}
   print(f"[lm_quality] {family}: chosen learning rates {lrs}", flush=True)
+  main_arms = [arm for arm in MAIN_ARMS if arm in arms]
   for seed in range(seeds):
-    for arm in MAIN_ARMS:
+    for arm in main_arms:
       run(Cell(family, arm, lrs[arm], seed))
   for arm in ABLATIONS:
-    for seed in range(seeds):
-      run(Cell(family, arm, lrs["bc"], seed))
+    if arm in arms:
+      for seed in range(seeds):
+        run(Cell(family, arm, lrs["bc"], seed))
   if noise:
     for seed in range(seeds):
-      for arm in MAIN_ARMS:
+      for arm in main_arms:
         run(Cell(family, arm, lrs[arm], seed, NOISE))
 
 
@@ -709,6 +718,12 @@ def main(argv=None) -> None:
   p.add_argument("--families", nargs="+", default=list(FAMILIES),
                  choices=FAMILIES)
   p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--arms", nargs="+", default=list(MAIN_ARMS + ABLATIONS),
+                 choices=MAIN_ARMS + ABLATIONS,
+                 help="arms that get seeds (default: all; the learning-rate"
+                      " search always runs)")
+  p.add_argument("--no-noise", action="store_true",
+                 help="skip the noisy-data row (AdamW)")
   p.add_argument("--report-only", action="store_true")
   p.add_argument("--preset", default=Setting.preset)
   p.add_argument("--steps", type=int, default=Setting.steps)
@@ -755,7 +770,9 @@ def main(argv=None) -> None:
         run(Cell("adamw", arm, lrs[arm], 0))
     else:
       for family in args.families:
-        run_family(family, setting, args.seeds, run, noise=family == "adamw")
+        run_family(family, setting, args.seeds, run,
+                   noise=family == "adamw" and not args.no_noise,
+                   arms=tuple(args.arms))
   report(results, setting, png, None if args.quick else RESULTS_MD)
   print(f"[lm_quality] done in {time.time() - t0:.0f} s", flush=True)
 

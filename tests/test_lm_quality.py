@@ -192,6 +192,21 @@ def test_family_grid_and_report(tmp_path):
   assert png.stat().st_size > 0
 
 
+def test_more_seeds_for_some_arms(tmp_path):
+  results = tmp_path / "r.json"
+  trainer = FakeTrainer(best_lr=3e-3)
+  run = run_with(trainer, results, tmp_path / "runs")
+  lq.run_family("adamw", SETTING, 2, run, noise=True)
+  before = len(trainer.calls)
+  lq.run_family("adamw", SETTING, 4, run, noise=False, arms=("std", "cf"))
+  new = [lq.load_runs(results)[i] for i in range(before, len(trainer.calls))]
+  assert sorted((r["variant"], r["seed"], r["data"]) for r in new) == [
+      ("cf", 2, "shakespeare"), ("cf", 3, "shakespeare"),
+      ("std", 2, "shakespeare"), ("std", 3, "shakespeare")]
+  summary = lq.summarize(lq.load_runs(results), SETTING)["adamw"]
+  assert summary["diffs"]["cf"]["n"] == 4 and summary["diffs"]["bc"]["n"] == 2
+
+
 def test_quick_uses_the_rates_the_grid_chose(tmp_path):
   results = tmp_path / "r.json"
   assert lq.quick_lrs(results, SETTING) == {"std": lq.QUICK_LR,

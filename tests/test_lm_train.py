@@ -226,3 +226,24 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   resumed = train.main(args + ["--resume"])
   assert resumed["final_eval_loss"] == full["final_eval_loss"]
+
+
+def test_program_memo_keeps_only_the_most_recent_programs(corpus_path,
+                                                          tmp_path,
+                                                          monkeypatch):
+  import collections
+  monkeypatch.setattr(train, "_PROGRAMS", collections.OrderedDict())
+
+  def build(lr):
+    args = train.parse_args(flags(corpus_path, tmp_path, "adamw", "--lr",
+                                  str(lr)))
+    return train.build(args, train.model_config(args, 256))
+
+  rates = [1e-3 * (k + 1) for k in range(train.MAX_PROGRAMS + 1)]
+  programs = [build(lr) for lr in rates]
+  assert len(train._PROGRAMS) == train.MAX_PROGRAMS
+  assert build(rates[-1]) is programs[-1]        # a hit: reused
+  assert build(rates[1]) is programs[1]          # the oldest kept one
+  assert build(rates[0]) is not programs[0]      # evicted: built anew
+  assert len(train._PROGRAMS) == train.MAX_PROGRAMS
+  assert build(rates[1]) is programs[1]          # refreshed by its last use

@@ -47,6 +47,7 @@ test split at every evaluation, not only at the end.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -535,7 +536,11 @@ NOT_TRACED = {"seed", "data", "noise", "eval_every", "eval_batches",
               "checkpoint_every", "resume", "stop_at", "out", "progress",
               "dry_run", "curvature_every", "distributed", "train_plays",
               "val_plays", "test_plays", "init_from", "eval_test"}
-_PROGRAMS: dict[str, Program] = {}
+# The most recently used programs, oldest first. Bounded: a benchmark that
+# runs dozens of configurations in one process would otherwise keep every
+# compiled program (3.1 GB after ~40 lm_quality runs).
+_PROGRAMS: collections.OrderedDict[str, Program] = collections.OrderedDict()
+MAX_PROGRAMS = 4
 
 
 def build(args, cfg) -> Program:
@@ -544,6 +549,7 @@ def build(args, cfg) -> Program:
                              if k not in NOT_TRACED},
                     "model": dataclasses.asdict(cfg)}, sort_keys=True)
   if key in _PROGRAMS:
+    _PROGRAMS.move_to_end(key)
     return _PROGRAMS[key]
   mesh = None
   if args.devices > 1:
@@ -571,6 +577,8 @@ def build(args, cfg) -> Program:
                  make_train_steps(args, graphdef, tx, mesh),
                  make_eval_fn(args, graphdef), averaged)
   _PROGRAMS[key] = prog
+  while len(_PROGRAMS) > MAX_PROGRAMS:
+    _PROGRAMS.popitem(last=False)
   return prog
 
 
