@@ -45,15 +45,23 @@ XLA:CPU's memory-minimising scheduler
 ``temp`` (``temp_MiB_memory_scheduler``).
 
 Cost model of the correction (per tile, square ``d``): the jackknife
-projects each microbatch of its group on both eigenbases,
-``2 x 2 d^3`` flops per microbatch. The persistent roots use all ``M``
-microbatches; with ``"twofold"`` the candidate roots use the ``M / 2`` of
-group B (a static range on a stacked axis), ``6 M d^3`` flops in all (plus
-``8 d^3`` for the groups' means), against four eigendecompositions and
-about ``20 d^3`` flops of products for the root step without it. With an
-eigendecomposition costing ``E`` times a ``d^3`` product, the correction
-adds about ``6 M / (4 E + 20)`` to a twofold root step: that is the number
-to compare with the measured ``correction_overhead_twofold``.
+projects each microbatch of its group on both eigenbases (``Q_L^T G_j Q_R``,
+two ``d x d x d`` products, ``4 d^3`` flops: the variant ``projection (one
+microbatch)`` times exactly that call of the library). The persistent roots
+use all ``M`` microbatches; with ``"twofold"`` the candidate roots use the
+``M / 2`` of group B (a static range on a stacked axis): ``1.5 M``
+projections, ``6 M d^3`` flops, against four eigendecompositions and about
+``20 d^3`` flops of products (five projections' worth) for the root step
+without it. No exact computation of the SPEC's per-microbatch eigenvalues
+needs fewer flops (each ``row_k(Q^T G_j)`` norm depends on all of
+``Q^T G_j``). With an eigendecomposition costing ``E`` projections, the
+correction adds about ``1.5 M / (4 E + 5)`` to a twofold root step; the
+summary records ``E`` (``eigh_in_projections``) and the prediction
+``1.5 M x projection / root`` (``predicted_overhead_twofold``; for large
+``d``, where the products run at the machine's matmul rate, a lower bound;
+for small ``d`` it also counts 1.5 M call overheads that the step does not
+pay) next to the measured ``correction_overhead_twofold``. At ``M = 16`` a
+correction of at most 30% needs ``E >= 18.75``.
 
 Usage::
 
@@ -91,6 +99,7 @@ import numpy as np
 import optax
 
 import bcopt
+from bcopt._src import shampoo as shampoo_lib  # pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import optimizer_overhead as oo  # pylint: disable=g-import-not-at-top
@@ -159,6 +168,12 @@ def variants(d, m):
                                      (grads, state, params))
   factor = grads["w"][0] @ grads["w"][0].T / d + 1e-3 * jnp.eye(d)
   out["eigh (one factor)"] = (jax.jit(jnp.linalg.eigh), (factor,))
+  # The correction's unit of work: one microbatch projected on both
+  # eigenbases (two d x d x d products), by the library's own code.
+  q = jnp.linalg.qr(jax.random.normal(jax.random.key(1), (1, d, d)))[0]
+  out["projection (one microbatch)"] = (
+      jax.jit(shampoo_lib._project),  # pylint: disable=protected-access
+      (q, grads["w"][:1], q))
   adam = optax.adam(1e-3)
   out["optax.adam"] = (
       jax.jit(lambda g, s: adam.update(bcopt.microbatch_mean(g), s)),
@@ -250,6 +265,14 @@ def measure(d, m, reps, max_seconds):
                                   / t("optax.adam"), 1),
         "root_twofold_plain_in_eighs": round(t("root twofold plain")
                                              / t("eigh (one factor)"), 1),
+        # The cost model: the twofold jackknife projects 1.5 M microbatches
+        # (M for the cached roots, M / 2 for the candidate), so it cannot
+        # cost less than 1.5 M projections; E is an eigh in projections.
+        "eigh_in_projections": round(t("eigh (one factor)")
+                                     / t("projection (one microbatch)"), 2),
+        "predicted_overhead_twofold": round(
+            1.5 * m * t("projection (one microbatch)")
+            / t("root twofold plain"), 3),
     }
   return {"d": d, "M": m, "timing": timing, "summary": summary}
 
@@ -281,25 +304,36 @@ TABLE_COLUMNS = [
     ("cached twofold jackknife", "non-root step"),
     ("optax.adam", "optax.adam"),
     ("eigh (one factor)", "one eigh"),
+    ("projection (one microbatch)", "one projection"),
 ]
 
 
 def table(data):
-  """Markdown table of a results JSON: CPU ms (min), overheads, memory."""
+  """Markdown table of a results JSON: median wall / CPU ms, overheads, memory.
+
+  Each time cell is ``median wall / median process CPU`` (all threads) in
+  ms; the overhead cells are the same two ratios.
+  """
   lines = [
       "| d | M | " + " | ".join(h for _, h in TABLE_COLUMNS)
-      + " | correction, twofold | correction, standard"
+      + " | correction, twofold | 1.5 M projections timed alone"
+      " | correction, standard"
       " | temp MiB (twofold + jackknife) | gradients MiB |",
-      "|" + " --- |" * (len(TABLE_COLUMNS) + 6),
+      "|" + " --- |" * (len(TABLE_COLUMNS) + 7),
   ]
+  pct = lambda x: f"{100 * x:+.0f}%"
   for r in data["results"]:
     cells = [str(r["d"]), str(r["M"])]
     for name, _ in TABLE_COLUMNS:
-      t = r["timing"][name]
-      cells.append(f"{t['cpu_median_ms']:.4g} ({t['cpu_min_ms']:.4g})")
-    s = r["summary"]["cpu_median_ms"]
-    cells += [f"{100 * s['correction_overhead_twofold']:+.0f}%",
-              f"{100 * s['correction_overhead_standard']:+.0f}%",
+      t = r["timing"].get(name)  # older files have no projection row
+      cells.append(f"{t['median_ms']:.4g} / {t['cpu_median_ms']:.4g}"
+                   if t else "")
+    wall, cpu = r["summary"]["median_ms"], r["summary"]["cpu_median_ms"]
+    both = lambda key: (f"{pct(wall[key])} / {pct(cpu[key])}"
+                        if key in wall else "")
+    cells += [both("correction_overhead_twofold"),
+              both("predicted_overhead_twofold"),
+              both("correction_overhead_standard"),
               f"{r['timing']['root twofold jackknife']['temp_MiB']:.4g}",
               f"{r['summary']['gradients_MiB']:.4g}"]
     lines.append("| " + " | ".join(cells) + " |")

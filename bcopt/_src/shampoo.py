@@ -273,8 +273,9 @@ def scale_by_shampoo_bc(
   ``M``): about ``6 M t^3`` flops per square tile for ``"twofold"``,
   against four eigendecompositions and about ``20 t^3`` flops for the
   uncorrected root step (on 2 CPU cores at ``t = 1024`` the correction
-  adds about 40% to a twofold root step at ``M = 4`` and 140% at
-  ``M = 16``; ``benchmarks/shampoo_cost.py``). Persistent state comes from
+  adds 41% (wall) / 53% (CPU time) to a twofold root step at ``M = 4`` and
+  118% / 151% at ``M = 16``, as much as the ``1.5 M`` projections cost on
+  their own; ``benchmarks/shampoo_cost.py``). Persistent state comes from
   the full batch:
   :math:`M \leftarrow M_c(\bar G)` every step; on root steps
   :math:`L \leftarrow L_c(\bar G)`, :math:`R \leftarrow R_c(\bar G)`, and
