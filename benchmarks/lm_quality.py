@@ -37,6 +37,8 @@ Usage::
   python benchmarks/lm_quality.py                  # the whole grid (hours on CPU)
   python benchmarks/lm_quality.py --families adamw # one family
   python benchmarks/lm_quality.py --report-only    # RESULTS.md + PNG from the JSON
+  python benchmarks/lm_quality.py --verify 6       # re-run 6 records' commands,
+                                                   # compare their losses
 
 On an accelerator, keep everything and pass e.g. ``--preset small --devices
 N`` (and more ``--steps``); the records then carry those settings and only
@@ -78,6 +80,7 @@ MAX_EXTEND = 2
 NOISE = 0.2
 LIGHT_LOAD = 4.0    # report: runs started below this 1-minute load average
 QUICK_LR = 3e-3     # --quick, before the full grid has chosen: both arms
+REPRODUCE_TOLERANCE = 0.02  # a record's command must give its losses to this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +296,50 @@ def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
           f"({record['call_wall_s']:.0f} s wall, {record['cpu_s']:.0f} s CPU)",
           flush=True)
   return record
+
+
+def verify(results: pathlib.Path, runs_dir: pathlib.Path, count: int,
+           runner=None, tolerance: float = REPRODUCE_TOLERANCE) -> dict:
+  """Re-runs ``count`` recorded runs from their ``command``; compares losses.
+
+  The runs are spread evenly over the results file (its oldest and newest
+  records included), so the check covers records made by older code too.
+  Returns ``{"tolerance", "checks": [...], "max_abs_diff", "ok"}``, each
+  check with the record's cell, its recorded and re-run test and
+  validation losses and their differences (re-run - recorded).
+  """
+  if runner is None:
+    from examples.lm import train
+    runner = train.main
+  runs = [r for r in load_runs(results) if r.get("status", "ok") == "ok"]
+  if not runs:
+    raise ValueError(f"{results} has no finished runs to verify")
+  picks = sorted({int(round(i)) for i in
+                  np.linspace(0, len(runs) - 1, min(count, len(runs)))})
+  checks = []
+  for i in picks:
+    r = runs[i]
+    name = (f"{r['data']}_{r['family']}_{r['variant']}_lr{r['lr']:g}"
+            f"_s{r['seed']}")
+    out = runs_dir / "verify" / name
+    if out.exists():
+      shutil.rmtree(out)
+    print(f"[lm_quality] verify {name}: {r['command']}", flush=True)
+    summary = runner(command_argv(r["command"], str(out)))
+    check = {k: r[k] for k in ("data", "family", "variant", "lr", "seed",
+                               "command")}
+    for key in ("final_eval_loss", "final_val_loss"):
+      check[key] = {"recorded": r[key], "rerun": summary[key],
+                    "diff": summary[key] - r[key]}
+    check["code"] = r.get("code")
+    checks.append(check)
+    print(f"[lm_quality] verify {name}: test {r['final_eval_loss']:.4f} -> "
+          f"{summary['final_eval_loss']:.4f} "
+          f"({check['final_eval_loss']['diff']:+.4f})", flush=True)
+  worst = max(abs(c[k]["diff"]) for c in checks
+              for k in ("final_eval_loss", "final_val_loss"))
+  return {"tolerance": tolerance, "checks": checks, "max_abs_diff": worst,
+          "ok": worst <= tolerance}
 
 
 def save_curve(path: pathlib.Path, name: str, metrics: pathlib.Path) -> None:
@@ -725,6 +772,11 @@ def main(argv=None) -> None:
   p.add_argument("--no-noise", action="store_true",
                  help="skip the noisy-data row (AdamW)")
   p.add_argument("--report-only", action="store_true")
+  p.add_argument("--verify", type=int, metavar="K", default=None,
+                 help="re-run K recorded runs (spread over the results file)"
+                      " from their commands, write lm_quality_verify.json"
+                      " next to the results and fail if a loss moved by more"
+                      f" than {REPRODUCE_TOLERANCE} nats")
   p.add_argument("--preset", default=Setting.preset)
   p.add_argument("--steps", type=int, default=Setting.steps)
   p.add_argument("--microbatches", type=int, default=Setting.microbatches)
@@ -758,6 +810,19 @@ def main(argv=None) -> None:
   os.chdir(ROOT)              # train.py's relative paths, `python -m` commands
   sys.path.insert(0, str(ROOT))
   t0 = time.time()
+  if args.verify is not None:
+    command = " ".join(shlex.quote(a) for a in
+                       ["python", "benchmarks/lm_quality.py"] + list(
+                           sys.argv[1:] if argv is None else argv))
+    check = verify(results, runs_dir, args.verify)
+    write_json(results.with_name(results.stem + "_verify.json"),
+               {"command": command, "code": git_state(), **check})
+    print(f"[lm_quality] verify: {len(check['checks'])} runs, largest "
+          f"|difference| {check['max_abs_diff']:.4f} nats (tolerance "
+          f"{check['tolerance']})", flush=True)
+    if not check["ok"]:
+      raise SystemExit(1)
+    return
   if not args.report_only:
     from examples.lm import train   # imported now: `code` describes it
     code = git_state()

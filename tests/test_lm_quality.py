@@ -207,6 +207,46 @@ def test_more_seeds_for_some_arms(tmp_path):
   assert summary["diffs"]["cf"]["n"] == 4 and summary["diffs"]["bc"]["n"] == 2
 
 
+class ShiftedTrainer(FakeTrainer):
+  """The fake trainer with every loss moved by ``shift`` (code that drifted)."""
+
+  def __init__(self, shift):
+    super().__init__(best_lr=3e-3)
+    self.shift = shift
+
+  def __call__(self, argv):
+    summary = super().__call__(argv)
+    return {**summary, "final_val_loss": summary["final_val_loss"] + self.shift,
+            "final_eval_loss": summary["final_eval_loss"] + self.shift}
+
+
+def test_verify_reruns_recorded_commands(tmp_path):
+  results = tmp_path / "r.json"
+  lq.run_family("adamw", SETTING, 2, run_with(FakeTrainer(), results,
+                                              tmp_path / "runs"), noise=False)
+  runs = lq.load_runs(results)
+  rerun = FakeTrainer()
+  check = lq.verify(results, tmp_path / "runs", 3, runner=rerun)
+  assert len(check["checks"]) == len(rerun.calls) == 3
+  # Spread over the file: the oldest and the newest records are re-run.
+  picked = [(c["variant"], c["lr"], c["seed"]) for c in check["checks"]]
+  assert picked[0] == (runs[0]["variant"], runs[0]["lr"], runs[0]["seed"])
+  assert picked[-1] == (runs[-1]["variant"], runs[-1]["lr"], runs[-1]["seed"])
+  assert rerun.calls[0] == lq.command_argv(
+      runs[0]["command"], str(tmp_path / "runs" / "verify" / (
+          f"shakespeare_adamw_{runs[0]['variant']}_lr{runs[0]['lr']:g}_s0")))
+  assert check["ok"] and check["max_abs_diff"] == 0.0
+
+  drifted = lq.verify(results, tmp_path / "runs", 2,
+                      runner=ShiftedTrainer(0.03))
+  assert not drifted["ok"]
+  np.testing.assert_allclose(drifted["max_abs_diff"], 0.03)
+  np.testing.assert_allclose(
+      [c["final_eval_loss"]["diff"] for c in drifted["checks"]], [0.03, 0.03])
+  assert lq.verify(results, tmp_path / "runs", 2,
+                   runner=ShiftedTrainer(0.01))["ok"]
+
+
 def test_quick_uses_the_rates_the_grid_chose(tmp_path):
   results = tmp_path / "r.json"
   assert lq.quick_lrs(results, SETTING) == {"std": lq.QUICK_LR,
