@@ -219,10 +219,23 @@ def write_json(path: pathlib.Path, obj) -> None:
   os.replace(tmp, path)
 
 
+def load_file(path: pathlib.Path) -> dict:
+  return json.loads(path.read_text()) if path.exists() else {"runs": []}
+
+
 def append_run(path: pathlib.Path, record: dict) -> None:
-  runs = load_runs(path)     # re-read: never drop what is on disk
-  runs.append(record)
-  write_json(path, {"runs": runs})
+  data = load_file(path)     # re-read: never drop what is on disk
+  data["runs"].append(record)
+  write_json(path, data)
+
+
+def supersede(path: pathlib.Path, record: dict, reason: str) -> None:
+  """Moves ``record`` from the file's ``runs`` to its ``superseded`` list
+  (kept, with ``reason``, but no longer read by the grid or the report)."""
+  data = load_file(path)
+  data["runs"] = [r for r in data["runs"] if r != record]
+  data.setdefault("superseded", []).append({**record, "superseded": reason})
+  write_json(path, data)
 
 
 def find(runs: list[dict], cell: Cell, setting: Setting) -> dict | None:
@@ -296,6 +309,30 @@ def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
           f"({record['call_wall_s']:.0f} s wall, {record['cpu_s']:.0f} s CPU)",
           flush=True)
   return record
+
+
+def cell_of(record: dict) -> Cell:
+  """The grid cell a record was made for."""
+  noise = 0.0 if record["data"] == data_name(0.0) else NOISE
+  if record["data"] != data_name(noise):
+    raise ValueError(f"unknown data {record['data']!r}")
+  return Cell(record["family"], record["variant"], record["lr"],
+              record["seed"], noise)
+
+
+def rerun_unversioned(results: pathlib.Path, setting: Setting,
+                      families, run) -> int:
+  """Re-runs, with the current code, every record of ``families`` (and of
+  this setting) that has no ``code`` field (made before records said which
+  code made them); the old record moves to ``superseded``. Returns the
+  number re-run. ``run(cell) -> record`` as in :func:`run_family`."""
+  stale = [r for r in load_runs(results)
+           if "code" not in r and r["family"] in families
+           and setting.matches(r)]
+  for r in stale:
+    supersede(results, r, "made by code of unknown version; re-run")
+    run(cell_of(r))
+  return len(stale)
 
 
 def verify(results: pathlib.Path, runs_dir: pathlib.Path, count: int,
@@ -772,6 +809,10 @@ def main(argv=None) -> None:
   p.add_argument("--no-noise", action="store_true",
                  help="skip the noisy-data row (AdamW)")
   p.add_argument("--report-only", action="store_true")
+  p.add_argument("--rerun-unversioned", action="store_true",
+                 help="first re-run (with this code) the records of the"
+                      " selected families that carry no `code` field; the"
+                      " old records are kept under `superseded`")
   p.add_argument("--verify", type=int, metavar="K", default=None,
                  help="re-run K recorded runs (spread over the results file)"
                       " from their commands, write lm_quality_verify.json"
@@ -834,6 +875,9 @@ def main(argv=None) -> None:
       for arm in MAIN_ARMS:
         run(Cell("adamw", arm, lrs[arm], 0))
     else:
+      if args.rerun_unversioned:
+        n = rerun_unversioned(results, setting, args.families, run)
+        print(f"[lm_quality] re-ran {n} unversioned records", flush=True)
       for family in args.families:
         run_family(family, setting, args.seeds, run,
                    noise=family == "adamw" and not args.no_noise,

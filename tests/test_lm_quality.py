@@ -247,6 +247,46 @@ def test_verify_reruns_recorded_commands(tmp_path):
                    runner=ShiftedTrainer(0.01))["ok"]
 
 
+def test_rerun_unversioned_replaces_records_without_code(tmp_path):
+  results = tmp_path / "r.json"
+  run = run_with(FakeTrainer(), results, tmp_path / "runs")
+  lq.run_family("adamw", SETTING, 2, run, noise=True)
+  before = lq.load_runs(results)
+  for r in before:
+    r["final_eval_loss"] += 0.5     # what older code gave
+  # run_with's records carry no `code`: mark one as versioned, and add an
+  # unversioned record of another family.
+  before[2]["code"] = {"commit": "abc", "modified": []}
+  other = {**before[3], "family": "sophia"}
+  other.pop("code", None)
+  lq.write_json(results, {"runs": before + [other]})
+
+  trainer = FakeTrainer()
+  def run_versioned(cell):
+    return lq.run_cell(cell, SETTING, results, tmp_path / "runs",
+                       runner=trainer, code={"commit": "new", "modified": []})
+  unversioned = [r for r in before if "code" not in r]
+  assert lq.rerun_unversioned(results, SETTING, ["adamw"],
+                              run_versioned) == len(unversioned)
+  data = json.loads(results.read_text())
+  assert len(data["runs"]) == len(before) + 1
+  assert sorted(r["final_eval_loss"] for r in data["superseded"]) == sorted(
+      r["final_eval_loss"] for r in unversioned)
+  assert all(r["superseded"] for r in data["superseded"])
+  rerun = [r for r in data["runs"] if r.get("code", {}).get("commit") == "new"]
+  assert sorted(lq.cell_of(r).name for r in rerun) == sorted(
+      lq.cell_of(r).name for r in unversioned)
+  assert any(r["data"] != "shakespeare" for r in rerun)
+  for r in rerun:                  # the fresh losses, not the old ones
+    old = next(o for o in unversioned if lq.cell_of(o) == lq.cell_of(r))
+    np.testing.assert_allclose(r["final_eval_loss"],
+                               old["final_eval_loss"] - 0.5)
+  assert other in data["runs"]     # other families untouched
+  lq.append_run(results, dict(before[0]))   # appending keeps `superseded`
+  assert len(json.loads(results.read_text())["superseded"]) == len(
+      unversioned)
+
+
 def test_quick_uses_the_rates_the_grid_chose(tmp_path):
   results = tmp_path / "r.json"
   assert lq.quick_lrs(results, SETTING) == {"std": lq.QUICK_LR,
