@@ -356,8 +356,7 @@ def verify(results: pathlib.Path, runs_dir: pathlib.Path, count: int,
   checks = []
   for i in picks:
     r = runs[i]
-    name = (f"{r['data']}_{r['family']}_{r['variant']}_lr{r['lr']:g}"
-            f"_s{r['seed']}")
+    name = cell_of(r).name
     out = runs_dir / "verify" / name
     if out.exists():
       shutil.rmtree(out)
