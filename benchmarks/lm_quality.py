@@ -205,10 +205,6 @@ def command_argv(command: str, out: str) -> list[str]:
 # Results files
 
 
-def load_runs(path: pathlib.Path) -> list[dict]:
-  if not path.exists():
-    return []
-  return json.loads(path.read_text())["runs"]
 
 
 def write_json(path: pathlib.Path, obj) -> None:
@@ -220,7 +216,12 @@ def write_json(path: pathlib.Path, obj) -> None:
 
 
 def load_file(path: pathlib.Path) -> dict:
+  """The whole results file (``runs``, and ``superseded`` if any)."""
   return json.loads(path.read_text()) if path.exists() else {"runs": []}
+
+
+def load_runs(path: pathlib.Path) -> list[dict]:
+  return load_file(path)["runs"]
 
 
 def append_run(path: pathlib.Path, record: dict) -> None:

@@ -58,9 +58,10 @@ needs fewer flops (each ``row_k(Q^T G_j)`` norm depends on all of
 correction adds about ``1.5 M / (4 E + 5)`` to a twofold root step; the
 summary records ``E`` (``eigh_in_projections``) and the prediction
 ``1.5 M x projection / root`` (``predicted_overhead_twofold``; for large
-``d``, where the products run at the machine's matmul rate, a lower bound;
-for small ``d`` it also counts 1.5 M call overheads that the step does not
-pay) next to the measured ``correction_overhead_twofold``. At ``M = 16`` a
+``d``, where the products run at the machine's matmul rate, it comes
+within a few percent of the measured overhead; for small ``d`` it also
+counts 1.5 M call overheads that the step does not pay) next to the
+measured ``correction_overhead_twofold``. At ``M = 16`` a
 correction of at most 30% needs ``E >= 18.75``.
 
 Usage::
@@ -266,8 +267,8 @@ def measure(d, m, reps, max_seconds):
         "root_twofold_plain_in_eighs": round(t("root twofold plain")
                                              / t("eigh (one factor)"), 1),
         # The cost model: the twofold jackknife projects 1.5 M microbatches
-        # (M for the cached roots, M / 2 for the candidate), so it cannot
-        # cost less than 1.5 M projections; E is an eigh in projections.
+        # (M for the cached roots, M / 2 for the candidate), so it costs
+        # about 1.5 M projections; E is an eigh in projections.
         "eigh_in_projections": round(t("eigh (one factor)")
                                      / t("projection (one microbatch)"), 2),
         "predicted_overhead_twofold": round(
