@@ -344,30 +344,3 @@ def test_train_step_can_donate_params_and_state():
   for u in updates:
     p, state = step(p, state, u)
   chex.assert_tree_all_finite(bcopt.bema_params(state))
-
-
-def test_orbax_round_trip(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
-  params, updates = _updates(12, 4)
-  params = {**params, "h": jnp.ones(2, jnp.bfloat16)}
-  updates = [{**u, "h": jnp.full(2, 0.1, jnp.bfloat16)} for u in updates]
-  tx = optax.chain(optax.adam(0.1), bcopt.bema(update_every=2))
-  state = tx.init(params)
-  p = params
-  update = jax.jit(tx.update)
-  for u in updates[:3]:
-    out, state = update(u, state, p)
-    p = optax.apply_updates(p, out)
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(tmp_path / "state", state)
-  ckpt.wait_until_finished()
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = ckpt.restore(tmp_path / "state", abstract)
-  assert isinstance(restored[1], bcopt.BEMAState)
-  chex.assert_trees_all_equal(restored, state)
-  chex.assert_trees_all_equal_dtypes(restored, state)
-  out_a, state_a = update(updates[3], state, p)
-  out_b, state_b = update(updates[3], restored, p)
-  chex.assert_trees_all_equal(bcopt.bema_params(state_a),
-                              bcopt.bema_params(state_b))
-  chex.assert_trees_all_equal(out_a, out_b)

@@ -11,7 +11,7 @@ import pytest
 from examples.lm import data as data_lib
 from examples.lm import train
 
-_PATH = pathlib.Path(__file__).parent.parent / "benchmarks" / \
+_PATH = pathlib.Path(__file__).parents[2] / "benchmarks" / \
     "finetune_averaging.py"
 _spec = importlib.util.spec_from_file_location("finetune_averaging", _PATH)
 fa = importlib.util.module_from_spec(_spec)

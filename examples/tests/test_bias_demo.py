@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-DEMO = pathlib.Path(__file__).resolve().parents[1] / "examples" / "bias_demo.py"
+DEMO = pathlib.Path(__file__).resolve().parents[2] / "examples" / "bias_demo.py"
 M = 32
 DRAWS = 16384
 
