@@ -5,6 +5,8 @@ gradient transformations taking microbatched gradients, plus bias-corrected
 iterate averaging (BEMA, arXiv:2508.00180).
 """
 
+__version__ = "0.1.0"
+
 from bcopt._src.adam import ScaleByAdamBCState
 from bcopt._src.adam import adamw_bc
 from bcopt._src.adam import scale_by_adam_bc
@@ -26,3 +28,27 @@ from bcopt._src.sophia import scale_by_sophia_bc
 from bcopt._src.sophia import sophia_bc
 from bcopt._src.wrappers import apply_if_finite
 from bcopt._src.wrappers import clip_by_global_norm
+
+__all__ = (
+    "ScaleByAdamBCState",
+    "adamw_bc",
+    "scale_by_adam_bc",
+    "BEMAState",
+    "EMAState",
+    "bema",
+    "bema_params",
+    "ema",
+    "cross_fit",
+    "variance_correct_inverse",
+    "microbatch_mean",
+    "ScaleByShampooBCState",
+    "scale_by_shampoo_bc",
+    "shampoo_bc",
+    "ScaleBySophiaBCState",
+    "gnb_diag",
+    "hutchinson_diag",
+    "scale_by_sophia_bc",
+    "sophia_bc",
+    "apply_if_finite",
+    "clip_by_global_norm",
+)

@@ -35,7 +35,7 @@ def my_adam_bc(b1, b2, eps, *, scheme, estimator):
     bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
     num = lambda a: jax.tree.map(lambda m, x: (b1 * m + (1 - b1) * x) / bc1, state.mu, a)
     den = lambda s: jax.tree.map(lambda v, x: jnp.sqrt((b2 * v + (1 - b2) * x**2) / bc2) + eps, state.nu, s)
-    u = bcopt.cross_fit(grads, num, den, scheme=scheme, inverse_correction=estimator)
+    u = bcopt.cross_fit(grads, num, den, cross_fit=scheme, inverse_correction=estimator)
     g = bcopt.microbatch_mean(grads)
     mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, state.mu, g)
     nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x**2, state.nu, g)
@@ -79,7 +79,7 @@ def test_separate_statistics_and_combine_match_numpy(scheme, estimator):
       lambda s: jax.tree.map(lambda x: rho * (b2 * jnp.asarray(h, jnp.float32) + (1 - b2) * x) + eps, s),
       stats={"x": jnp.asarray(r, jnp.float32)},
       combine=lambda a, b: jax.tree.map(lambda x, y: jnp.clip(x * y, -clip, clip), a, b),
-      scheme=scheme, inverse_correction=estimator)
+      cross_fit=scheme, inverse_correction=estimator)
   np.testing.assert_allclose(got["x"], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -91,4 +91,4 @@ def test_statistics_must_match_gradients():
 
 def test_unknown_scheme():
   with pytest.raises(ValueError, match="'fourfold' is not one of"):
-    bcopt.cross_fit({"x": jnp.ones((4, 3))}, lambda a: a, lambda s: s, scheme="fourfold")
+    bcopt.cross_fit({"x": jnp.ones((4, 3))}, lambda a: a, lambda s: s, cross_fit="fourfold")

@@ -6,43 +6,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 from bcopt._src import crossfit
 from bcopt._src import inverse
 from bcopt._src import microbatch
+from bcopt._src import numerics
 
 PyTree = Any
-
-
-def moment_dtype(param_dtype, dtype=None):
-  """The dtype of a moment: ``dtype`` if given, else float32 or wider."""
-  if dtype is not None:
-    return jnp.dtype(dtype)
-  return microbatch.accumulation_dtype(param_dtype)
-
-
-def zeros_moment(params: PyTree, dtype=None) -> PyTree:
-  """Zeros shaped like ``params`` in :func:`moment_dtype`."""
-  return jax.tree.map(
-      lambda p: jnp.zeros(jnp.shape(p), moment_dtype(jnp.result_type(p), dtype)),
-      params)
-
-
-def ema(moment: PyTree, value: PyTree, decay: chex.Numeric) -> PyTree:
-  """``decay * moment + (1 - decay) * value``, kept in the moment's dtype."""
-  return jax.tree.map(
-      lambda m, x: (decay * m + (1 - decay) * x).astype(m.dtype), moment, value)
-
-
-def bias_correction(decay: chex.Numeric, count: chex.Array) -> chex.Array:
-  """``1 - decay**count`` in float32 (float64 when enabled)."""
-  dtype = jnp.promote_types(jnp.float32, jnp.result_type(float))
-  return 1 - jnp.asarray(decay, dtype) ** count.astype(dtype)
-
-
-def _upcast(x: chex.Array) -> chex.Array:
-  return x.astype(microbatch.accumulation_dtype(x.dtype))
 
 
 def adam_terms(
@@ -65,15 +35,15 @@ def adam_terms(
   Returns:
     ``(numerator_fn, denominator_fn)`` for :func:`bcopt.cross_fit`.
   """
-  bc1 = bias_correction(b1, count)
-  bc2 = bias_correction(b2, count)
+  bc1 = numerics.bias_correction(b1, count)
+  bc2 = numerics.bias_correction(b2, count)
   # Both maps are affine in their input (the denominator in its square):
   # fold the moments and the bias corrections into per-step constants once,
   # so each call (one per fold or leave-one-out value) is a multiply-add.
   m_scale = (1 - b1) / bc1
   v_scale = (1 - b2) / bc2
-  m_base = jax.tree.map(lambda m: _upcast(m) * (b1 / bc1), mu)
-  v_base = jax.tree.map(lambda v: _upcast(v) * (b2 / bc2), nu)
+  m_base = jax.tree.map(lambda m: m * (b1 / bc1), numerics.upcast(mu))
+  v_base = jax.tree.map(lambda v: v * (b2 / bc2), numerics.upcast(nu))
 
   def numerator_fn(a):
     return jax.tree.map(
@@ -172,26 +142,27 @@ def scale_by_adam_bc(
   def init_fn(params):
     return ScaleByAdamBCState(
         count=jnp.zeros([], jnp.int32),
-        mu=zeros_moment(params, mu_dtype),
-        nu=zeros_moment(params, nu_dtype),
+        mu=numerics.zeros_moment(params, mu_dtype),
+        nu=numerics.zeros_moment(params, nu_dtype),
     )
 
   def update_fn(updates, state, params=None):
-    microbatch.layout(updates, axis_name, params)
-    count = numerics.safe_increment(state.count)
+    mb = microbatch.layout(updates, axis_name, params)
+    crossfit.check_microbatch_count(mb, cross_fit, inverse_correction)
+    count = optax.safe_increment(state.count)
     numerator_fn, denominator_fn = adam_terms(
         state.mu, state.nu, count, b1, b2, eps)
-    direction = crossfit.cross_fit(
-        updates, numerator_fn, denominator_fn, scheme=cross_fit,
-        inverse_correction=inverse_correction, axis_name=axis_name)
-    g_bar = microbatch.microbatch_mean(updates, axis_name)
+    direction = crossfit.cross_fitted(
+        updates, numerator_fn, denominator_fn, mb, scheme=cross_fit,
+        inverse_correction=inverse_correction)
+    g_bar = microbatch.mean(updates, mb)
     new_state = ScaleByAdamBCState(
         count=count,
-        mu=ema(state.mu, g_bar, b1),
-        nu=ema(state.nu, jax.tree.map(jnp.square, g_bar), b2),
+        mu=numerics.update_moment(state.mu, g_bar, b1),
+        nu=numerics.update_moment(state.nu, jax.tree.map(jnp.square, g_bar),
+                                  b2),
     )
-    direction = jax.tree.map(lambda u, g: u.astype(g.dtype), direction, updates)
-    return direction, new_state
+    return optax.tree.cast_like(direction, updates), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -13,9 +13,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
-from bcopt._src import adam
+from bcopt._src import numerics
 
 PyTree = Any
 
@@ -59,13 +58,10 @@ def _check_hyperparams(powers, lag, multiplier, burn_in, update_every):
         "lag + multiplier (rho + gamma) must be at least 1, so that the"
         " weights (rho + gamma s)^-power stay in (0, 1] for every s >= 1; got"
         f" lag={lag!r}, multiplier={multiplier!r}.")
-  if _is_concrete(burn_in) and not (burn_in >= 0 and burn_in == int(burn_in)):
-    raise ValueError(
-        f"burn_in must be a non-negative integer, got {burn_in!r}.")
-  if _is_concrete(update_every) and not (
-      update_every >= 1 and update_every == int(update_every)):
-    raise ValueError(
-        f"update_every must be a positive integer, got {update_every!r}.")
+  if _is_concrete(burn_in):
+    numerics.check_integer("burn_in", burn_in, 0)
+  if _is_concrete(update_every):
+    numerics.check_integer("update_every", update_every, 1)
 
 
 def _round_to_dtype(x):
@@ -81,11 +77,6 @@ def _round_to_dtype(x):
   return x
 
 
-def _weight_dtype():
-  """float32, or float64 when enabled (like optax's bias corrections)."""
-  return jnp.promote_types(jnp.float32, jnp.result_type(float))
-
-
 def _averager(
     ema_power, bias_power, lag, multiplier, burn_in, update_every, dtype,
 ) -> optax.GradientTransformation:
@@ -99,7 +90,7 @@ def _averager(
     def copy(p, in_dtype=True):
       p_dtype = jnp.result_type(p)
       return jnp.array(
-          p, adam.moment_dtype(p_dtype, dtype) if in_dtype else p_dtype,
+          p, numerics.moment_dtype(p_dtype, dtype) if in_dtype else p_dtype,
           copy=True)
     count = jnp.zeros([], jnp.int32)
     average = jax.tree.map(lambda p: copy(p, in_dtype=False), params)
@@ -114,8 +105,8 @@ def _averager(
       raise ValueError(
           f"bcopt.{name} needs params: it averages the iterates theta_t ="
           f" params + updates, so call update(updates, state, params).")
-    count = numerics.safe_increment(state.count)
-    wdtype = _weight_dtype()
+    count = optax.safe_increment(state.count)
+    wdtype = numerics.scalar_dtype()
     steps = count - jnp.asarray(burn_in, jnp.int32)  # s = t - tau
     base = (jnp.asarray(lag, wdtype)
             + jnp.asarray(multiplier, wdtype) * steps.astype(wdtype))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from bcopt._src import inverse
 from bcopt._src import microbatch
+from bcopt._src import numerics
 
 PyTree = Any
 Scheme = Optional[Literal["twofold", "symmetric", "loo"]]
@@ -58,12 +59,6 @@ def check_microbatch_count(
     )
 
 
-def _upcast(tree: PyTree) -> PyTree:
-  return jax.tree.map(
-      lambda x: x.astype(microbatch.accumulation_dtype(x.dtype)), tree
-  )
-
-
 def _loo_mean(group_mean: PyTree, one: PyTree, n: int) -> PyTree:
   """Mean of a group of ``n`` without one member: ``(n m - x) / (n - 1)``."""
   return jax.tree.map(lambda m, x: (n * m - x) * (1.0 / (n - 1)), group_mean,
@@ -102,7 +97,7 @@ def denominator_spread(
   center = denominator_fn(group_mean)
 
   def deviations(s_j):
-    s_j = _upcast(s_j)
+    s_j = numerics.upcast(s_j)
     x = denominator_fn(_loo_mean(group_mean, s_j, n) if loo else s_j)
     d = jax.tree.map(jnp.subtract, x, center)
     return d, jax.tree.map(jnp.square, d)
@@ -162,7 +157,7 @@ def cross_fit(
     numerator_fn: Callable[[PyTree], PyTree],
     denominator_fn: Callable[[PyTree], PyTree],
     *,
-    scheme: Scheme = "loo",
+    cross_fit: Scheme = "loo",
     inverse_correction: inverse.Estimator = "jackknife",
     exponent: float = 1.0,
     stats: Optional[PyTree] = None,
@@ -174,7 +169,7 @@ def cross_fit(
   A preconditioned update is :math:`u = N(a) \cdot f(p(s))` with numerator
   input :math:`a` (a mean gradient), preconditioner statistic :math:`s` and
   :math:`f(p) = p^{-1/e}`. Estimating both from the same microbatches biases
-  :math:`u`; ``scheme`` takes them from independent groups:
+  :math:`u`; the scheme (``cross_fit``) takes them from independent groups:
 
   .. math::
 
@@ -213,7 +208,8 @@ def cross_fit(
     denominator_fn: :math:`p`, a map from a (group) mean statistic tree to a
       positive denominator tree, e.g. :math:`\sqrt{\hat v(s)} + \epsilon`.
       For Adam-like methods it squares its input.
-    scheme: ``None``, ``"twofold"``, ``"symmetric"`` or ``"loo"``.
+    cross_fit: the scheme: ``None``, ``"twofold"``, ``"symmetric"`` or
+      ``"loo"``.
     inverse_correction: ``None``, ``"jackknife"`` or ``"paper"``.
     exponent: :math:`e` of :math:`f(p) = p^{-1/e}` (1 for a divided update).
     stats: microbatched preconditioner statistics if they differ from
@@ -241,44 +237,65 @@ def cross_fit(
     ...     numerator_fn=lambda g: g,
     ...     denominator_fn=lambda s: jax.tree.map(
     ...         lambda v, x: jnp.sqrt(0.9 * v + 0.1 * x**2) + 1e-8, nu, s),
-    ...     scheme="loo", inverse_correction="jackknife")
+    ...     cross_fit="loo", inverse_correction="jackknife")
     >>> u["w"].shape
     (3,)
 
   References:
     Nayak et al., 2026, arXiv:2605.20756.
   """
-  check_scheme(scheme)
+  check_scheme(cross_fit)
   inverse.check_estimator(inverse_correction)
+  mb = microbatch.layout(updates, axis_name)
+  if stats is not None:
+    stats_mb = microbatch.layout(stats, axis_name)
+    if stats_mb.local != mb.local or (
+        jax.tree.structure(stats) != jax.tree.structure(updates)):
+      raise ValueError(
+          "The preconditioner statistics must have the structure and"
+          f" microbatch count of the gradients: got {stats_mb.describe()} and"
+          f" {jax.tree.structure(stats)} for {mb.describe()} and"
+          f" {jax.tree.structure(updates)}."
+      )
+  check_microbatch_count(mb, cross_fit, inverse_correction)
+  return cross_fitted(
+      updates, numerator_fn, denominator_fn, mb, scheme=cross_fit,
+      inverse_correction=inverse_correction, exponent=exponent, stats=stats,
+      combine=combine)
+
+
+def cross_fitted(
+    updates: PyTree,
+    numerator_fn: Callable[[PyTree], PyTree],
+    denominator_fn: Callable[[PyTree], PyTree],
+    mb: microbatch.Microbatches,
+    *,
+    scheme: Scheme,
+    inverse_correction: inverse.Estimator,
+    exponent: float = 1.0,
+    stats: Optional[PyTree] = None,
+    combine: Optional[Callable[[PyTree, PyTree], PyTree]] = None,
+) -> PyTree:
+  """:func:`cross_fit` on inputs already checked against the layout ``mb``.
+
+  The transforms call this after checking their inputs once per update.
+  """
   combine = _multiply if combine is None else combine
   stats = updates if stats is None else stats
   same_stats = stats is updates
-  mb = microbatch.layout(updates, axis_name)
-  stats_mb = microbatch.layout(stats, axis_name)
-  if stats_mb.local != mb.local or (
-      jax.tree.structure(stats) != jax.tree.structure(updates)):
-    raise ValueError(
-        "The preconditioner statistics must have the structure and"
-        f" microbatch count of the gradients: got {stats_mb.describe()} and"
-        f" {jax.tree.structure(stats)} for {mb.describe()} and"
-        f" {jax.tree.structure(updates)}."
-    )
-  check_microbatch_count(mb, scheme, inverse_correction)
   loo_values = scheme == "loo" or inverse_correction == "jackknife"
 
   # Groups are static slices on a stacked axis, 0/1 weightings on a named
-  # one (see microbatch.group_members).
-  def group_means(tree: PyTree, group: str) -> PyTree:
-    if group == "all":  # the mean the caller's state update uses too
-      return microbatch.microbatch_mean(tree, axis_name)
-    members, members_mb, name = microbatch.group_members(tree, mb, group)
-    return microbatch.mean(members, members_mb.axis_name, name)
+  # one (see microbatch.group).
+  def group_means(tree: PyTree, name: str) -> PyTree:
+    group = microbatch.group(mb, name)
+    return microbatch.mean(group.take(tree), group.layout, group.name)
 
-  def corrected_inverse(group: str, group_mean: PyTree) -> PyTree:
-    members, members_mb, name = microbatch.group_members(stats, mb, group)
+  def corrected_inverse(name: str, group_mean: PyTree) -> PyTree:
+    group = microbatch.group(mb, name)
     return group_inverse(
-        denominator_fn, members, group_mean, members_mb, name,
-        inverse_correction, exponent=exponent, loo=loo_values)
+        denominator_fn, group.take(stats), group_mean, group.layout,
+        group.name, inverse_correction, exponent=exponent, loo=loo_values)
 
   if scheme is None:
     s_bar = group_means(stats, "all")
@@ -307,10 +324,10 @@ def cross_fit(
         spread, m, inverse_correction, loo=True)
 
   def fold(g_r, s_r):
-    p = denominator_fn(_loo_mean(s_bar, _upcast(s_r), m))
+    p = denominator_fn(_loo_mean(s_bar, numerics.upcast(s_r), m))
     inv = inverse.variance_correct_inverse(p, variance, exponent=exponent)
-    return combine(numerator_fn(_upcast(g_r)), inv)
+    return combine(numerator_fn(numerics.upcast(g_r)), inv)
 
   total = microbatch.sum_over_microbatches(
-      fold, updates, stats, axis_name=axis_name)
+      fold, updates, stats, axis_name=mb.axis_name)
   return jax.tree.map(lambda x: x / m, total)

@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional
 import jax
 import jax.numpy as jnp
 
+from bcopt._src import numerics
+
 PyTree = Any
 Estimator = Optional[Literal["jackknife", "paper"]]
 ESTIMATORS = (None, "jackknife", "paper")
@@ -80,8 +82,7 @@ def variance_correct_inverse(
   References:
     Nayak et al., 2026, arXiv:2605.20756 (section on Jensen bias).
   """
-  if not exponent > 0:
-    raise ValueError(f"exponent must be positive, got {exponent!r}.")
+  numerics.check_positive("exponent", exponent)
   if variance is None:
     return jax.tree.map(lambda x: _corrected_leaf(x, None, exponent), p)
   return jax.tree.map(

@@ -18,6 +18,9 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from bcopt._src import fusion
+from bcopt._src import numerics
+
 PyTree = Any
 
 MICROBATCH_HINT = (
@@ -25,13 +28,6 @@ MICROBATCH_HINT = (
     "(M_local,) + param.shape along a leading microbatch axis, as returned by "
     "jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, microbatches)"
 )
-
-
-# Sums over the microbatch axis are unrolled loops: XLA then fuses all M
-# terms of a pass into one sweep over the gradients (no accumulator round
-# trips, no reduction over a major axis, which XLA:CPU handles slowly).
-# Beyond this many local microbatches the loop is unrolled in chunks of 8.
-FULL_UNROLL_LIMIT = 64
 
 
 class Microbatches(NamedTuple):
@@ -49,11 +45,6 @@ class Microbatches(NamedTuple):
         f" axis x {self.total // self.local} members of axis"
         f" {self.axis_name!r})"
     )
-
-
-def accumulation_dtype(dtype) -> jnp.dtype:
-  """float32 for low-precision floats, the input's dtype otherwise."""
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def layout(
@@ -154,67 +145,51 @@ def group_size(mb: Microbatches, group: str) -> int:
           "second": mb.total - mb.total // 2}[group]
 
 
-def group_members(
-    tree: PyTree, mb: Microbatches, group: str
-) -> tuple[PyTree, Microbatches, str]:
-  """The microbatches of a group as ``(tree, layout, group)``.
+class Group(NamedTuple):
+  """The microbatches of one group, as the code that visits them sees them.
 
-  On a stacked axis (no ``axis_name``) a group is a static slice of the
-  leading axis, returned with its own layout and group ``"all"``, so work on
-  it touches only its members; on a named axis membership depends on the
-  member, and the group stays a 0/1 weighting (:func:`group_weights`).
-
-  Args:
-    tree: microbatched tree with the layout ``mb``.
-    mb: the layout.
-    group: ``"all"``, ``"first"`` or ``"second"``.
-
-  Returns:
-    ``(tree, layout, group)`` to pass on to :func:`mean` and friends.
+  On a stacked axis (no ``axis_name``) a group is a static range of the
+  leading axis with a layout of its own and the weighting ``"all"``, so work
+  on it touches only its members. On a named axis membership depends on the
+  member: every local microbatch is visited and the group stays a 0/1
+  weighting (:func:`group_weights`) of the full layout.
   """
-  if mb.axis_name is not None or group == "all":
-    return tree, mb, group
+
+  members: Optional[slice]  # static range of the leading axis; None: all.
+  layout: Microbatches  # the layout the visited microbatches have.
+  name: str  # their weighting within it: "all", "first" or "second".
+
+  @property
+  def size(self) -> int:
+    """Number of microbatches in the group (over the whole named axis)."""
+    return group_size(self.layout, self.name)
+
+  def take(self, tree: PyTree) -> PyTree:
+    """The visited microbatches of a tree with the parent layout."""
+    if self.members is None:
+      return tree
+    return jax.tree.map(lambda x: x[self.members], tree)
+
+  def indices(self) -> jax.Array:
+    """Positions of the visited microbatches along the parent's leading axis
+    (for loops that index the parent tree in place instead of slicing it)."""
+    if self.members is None:
+      return jnp.arange(self.layout.local)
+    return jnp.arange(self.members.start, self.members.stop)
+
+
+def group(mb: Microbatches, name: str) -> Group:
+  """The :class:`Group` ``"all"``, ``"first"`` or ``"second"`` of ``mb``.
+
+  ``"first"`` is the first ``floor(M / 2)`` global microbatches (group A of
+  the two-fold schemes), ``"second"`` the rest (group B).
+  """
+  if mb.axis_name is not None or name == "all":
+    return Group(None, mb, name)
   half = mb.total // 2
-  part = slice(0, half) if group == "first" else slice(half, mb.total)
-  n = group_size(mb, group)
-  return (jax.tree.map(lambda x: x[part], tree),
-          Microbatches(local=n, total=n, axis_name=None), "all")
-
-
-def stored(tree: PyTree) -> PyTree:
-  """``tree``, computed once by its own kernels and stored (XLA:CPU).
-
-  XLA:CPU has no multi-output fusion: it copies a cheap elementwise producer
-  (such as the sum of M gradient slices that :func:`microbatch_mean` is)
-  into every consumer kernel. For elementwise consumers that is what we
-  want (storing the mean of a bare Adam-BC update and reading it back cost
-  up to 4x at 16M parameters on a shared 2-core machine: every stored
-  temporary is fresh memory), but a reduction over it (the global norm in
-  :func:`bcopt.clip_by_global_norm`) becomes one single-threaded YNNPACK
-  kernel that sums the M slices itself: 46 ms against 4 ms over a stored
-  mean, 2M parameters, M = 8. A conditional is a fusion boundary XLA keeps:
-  on CPU the tree passes through one whose taken branch is the identity, so
-  its producers run once and write it. Only the tree is stored, not its
-  inputs. Other backends get ``tree`` unchanged (there a conditional would
-  cost a device-host synchronisation).
-
-  Args:
-    tree: a tree of arrays.
-
-  Returns:
-    ``tree`` (the same values).
-  """
-
-  def on_cpu(t):
-    # (bits | 1) != 0 always holds, but XLA cannot fold it; the other branch
-    # (never taken) differs from the identity so the conditional is kept.
-    first = jnp.ravel(jax.tree.leaves(t)[0])[0]
-    bits = jax.lax.bitcast_convert_type(
-        first.astype(jnp.float32), jnp.int32)
-    return jax.lax.cond((bits | 1) != 0, lambda x: x,
-                        lambda x: jax.tree.map(jnp.zeros_like, x), t)
-
-  return jax.lax.platform_dependent(tree, cpu=on_cpu, default=lambda t: t)
+  members = slice(0, half) if name == "first" else slice(half, mb.total)
+  n = group_size(mb, name)
+  return Group(members, Microbatches(local=n, total=n, axis_name=None), "all")
 
 
 def sum_over_microbatches(
@@ -227,7 +202,7 @@ def sum_over_microbatches(
 
   ``fn`` maps the per-microbatch slices of ``stacked`` (trees whose leaves
   carry the leading microbatch axis) to a tree. The local sum is an unrolled
-  ``lax.fori_loop`` (see ``FULL_UNROLL_LIMIT``), so XLA fuses the elementwise
+  ``lax.fori_loop`` (see :mod:`bcopt._src.fusion`), so XLA fuses the elementwise
   work of all terms into one pass without materialising per-microbatch
   results; the local sums are then combined with ``psum`` over
   ``axis_name``. The loop starts from the first term, which keeps the carry's
@@ -253,35 +228,28 @@ def sum_over_microbatches(
 
   total = jax.lax.fori_loop(
       1, m_local, lambda j, acc: jax.tree.map(jnp.add, acc, term(j)), term(0),
-      unroll=True if m_local <= FULL_UNROLL_LIMIT else 8)
+      unroll=fusion.microbatch_loop_unroll(m_local))
   return psum(total, axis_name)
 
-def mean(
-    updates: PyTree,
-    axis_name: Optional[str] = None,
-    group: str = "all",
-) -> PyTree:
+
+def mean(updates: PyTree, mb: Microbatches, group: str = "all") -> PyTree:
   """Mean over the microbatches of a group, across the named axis.
 
   Accumulates in float32 (or higher) whatever the gradient dtype.
 
   Args:
-    updates: microbatched tree.
-    axis_name: named microbatch axis, or None.
+    updates: microbatched tree with the layout ``mb`` (not checked here:
+      :func:`layout` checks it once per update).
+    mb: the layout.
     group: ``"all"``, ``"first"`` or ``"second"`` (see :func:`group_weights`).
 
   Returns:
     A param-shaped tree of group means.
   """
-  mb = layout(updates, axis_name)
-  n = group_size(mb, group)
   total = sum_over_microbatches(
-      lambda x: jax.tree.map(lambda t: t.astype(accumulation_dtype(t.dtype)),
-                             x),
-      updates,
-      weights=group_weights(mb, group),
-      axis_name=axis_name,
-  )
+      numerics.upcast, updates, weights=group_weights(mb, group),
+      axis_name=mb.axis_name)
+  n = group_size(mb, group)
   return jax.tree.map(lambda t: t / n, total)
 
 
@@ -306,4 +274,4 @@ def microbatch_mean(updates: PyTree, axis_name: Optional[str] = None) -> PyTree:
     >>> bcopt.microbatch_mean(g)["w"]
     Array([2., 3.], dtype=float32)
   """
-  return mean(updates, axis_name)
+  return mean(updates, layout(updates, axis_name))

@@ -26,6 +26,8 @@ Layout of the parameters (static, read from their shapes):
   ``2 (d1^2 + d2^2)`` for a matrix that fits in one tile.
 """
 
+import dataclasses
+import functools
 import math
 from typing import Any, Literal, NamedTuple, Optional
 
@@ -34,12 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax._src import numerics
 
 from bcopt._src import adam
 from bcopt._src import crossfit
 from bcopt._src import inverse
 from bcopt._src import microbatch
+from bcopt._src import numerics
 
 PyTree = Any
 Graft = Optional[Literal["adam"]]
@@ -52,10 +54,21 @@ SHAMPOO_SCHEMES = (None, "twofold", "symmetric")
 MAX_PRECONDITIONED_DIM = 16384
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+_MASKED = optax.MaskedNode()
+
+# Per-parameter work is written as ``jax.tree.map`` over a *tiling tree*:
+# the parameters' tree with a ``_Tiling`` at each eligible leaf and
+# ``optax.MaskedNode()`` (an empty subtree) at each fallback leaf, so maps
+# led by it visit the eligible parameters only, and the state's fields
+# (MaskedNode where unused) line up with it.
 
 
-class _Tiling(NamedTuple):
-  """How one eligible parameter maps to a stack of equally shaped tiles."""
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+  """How one eligible parameter maps to a stack of equally shaped tiles.
+
+  Not a pytree: a leaf of the tiling tree.
+  """
 
   shape: tuple[int, ...]  # the parameter's shape.
   rows: int  # d1 = prod(shape[:-1]).
@@ -85,6 +98,29 @@ def _tiling(shape, block_size: int) -> Optional[_Tiling]:
     return None
   n1, n2 = -(-rows // block_size), -(-cols // block_size)
   return _Tiling(shape, rows, cols, n1, n2, -(-rows // n1), -(-cols // n2))
+
+
+def _tilings(tree: PyTree, block_size: int, *, microbatched: bool) -> PyTree:
+  """The tiling tree of parameters (or of microbatched gradients)."""
+  def tiling(x):
+    shape = jnp.shape(x)[1:] if microbatched else jnp.shape(x)
+    return _tiling(shape, block_size) or _MASKED
+  return jax.tree.map(tiling, tree)
+
+
+def _is_fallback(tiling) -> bool:
+  return isinstance(tiling, optax.MaskedNode)
+
+
+def _keep(tree: PyTree, mask: PyTree) -> PyTree:
+  """``tree`` with ``optax.MaskedNode()`` where the boolean ``mask`` is off."""
+  return jax.tree.map(lambda x, keep: x if keep else _MASKED, tree, mask)
+
+
+def _eligible(tree: PyTree, tilings: PyTree) -> PyTree:
+  """A parameter-shaped ``tree`` restricted to the tiling tree's leaves."""
+  return jax.tree.map(lambda x, t: _MASKED if _is_fallback(t) else x, tree,
+                      tilings)
 
 
 def _to_tiles(x: jax.Array, t: _Tiling) -> jax.Array:
@@ -140,6 +176,36 @@ class ScaleByShampooBCState(NamedTuple):
   right_root: optax.Updates  # (n, t2, t2) float32: same for R.
 
 
+class _Factors(NamedTuple):
+  """One eligible parameter's factors and roots (tiles, as in the state)."""
+
+  left: jax.Array
+  right: jax.Array
+  left_root: jax.Array
+  right_root: jax.Array
+
+
+def _factors(tilings: PyTree, state: ScaleByShampooBCState) -> PyTree:
+  """The state's factors and roots as one ``_Factors`` per eligible leaf."""
+  return jax.tree.map(lambda t, *f: _Factors(*f), tilings, state.left,
+                      state.right, state.left_root, state.right_root)
+
+
+def _initial_factors(t: _Tiling, param) -> _Factors:
+  """Zero factors and identity roots of one eligible parameter."""
+  dtype = numerics.accumulation_dtype(jnp.result_type(param))
+  zeros = lambda size: jnp.zeros((t.count, size, size), dtype)
+  eye = lambda size: jnp.broadcast_to(jnp.eye(size, dtype=dtype),
+                                      (t.count, size, size))
+  return _Factors(zeros(t.row_size), zeros(t.col_size), eye(t.row_size),
+                  eye(t.col_size))
+
+
+def _field(tilings: PyTree, factors: PyTree, name: str) -> PyTree:
+  """One ``_Factors`` field as a state tree (MaskedNode for the fallback)."""
+  return jax.tree.map(lambda t, f: getattr(f, name), tilings, factors)
+
+
 def _eigh(factor: jax.Array, diagonal: jax.Array):
   """Eigendecomposition of ``factor + diag(diagonal)`` (batched, symmetric)."""
   matrix = factor + jnp.eye(factor.shape[-1], dtype=factor.dtype) * diagonal[
@@ -189,22 +255,182 @@ def _graft(u: jax.Array, reference: jax.Array, t: _Tiling) -> jax.Array:
   return u * jnp.where(u_norm > 0, r_norm / safe, 0.0)
 
 
-def _group_members(mb: microbatch.Microbatches, group: str):
-  """The microbatches a group's variance visits: ``(indices, layout, group)``.
+class _Eigen(NamedTuple):
+  """One eligible parameter's candidate factors and their eigensystems."""
 
-  On a stacked axis the group is a static range of the leading axis, so the
-  projections of the other group's microbatches are never computed (and the
-  gradients are indexed in place, not sliced into a copy); on a named axis
-  group membership depends on the member, so every local microbatch is
-  visited and the group is a 0/1 weighting.
+  left: jax.Array  # (n, t1, t1): L_c.
+  right: jax.Array  # (n, t2, t2): R_c.
+  tiles: jax.Array  # (n, t1, t2): the group's mean gradient in tiles.
+  left_vectors: jax.Array  # (n, t1, t1): Q_L.
+  right_vectors: jax.Array  # (n, t2, t2): Q_R.
+  values: jax.Array  # (n, t1 + t2): eigenvalues of L_c + damping, then R_c's.
+
+
+def _eigen(t: _Tiling, factors: _Factors, group_mean: jax.Array, b2,
+           damping) -> _Eigen:
+  """Candidate factors from a group's mean gradient, eigendecomposed."""
+  x = _to_tiles(group_mean, t)
+  l_c = b2 * factors.left + (1 - b2) * jnp.einsum(
+      "nij,nkj->nik", x, x, precision=_HIGHEST)
+  r_c = b2 * factors.right + (1 - b2) * jnp.einsum(
+      "nji,njk->nik", x, x, precision=_HIGHEST)
+  pad_l, pad_r = _padding(t) if t.padded else (0.0, 0.0)
+  # Padded coordinates get a unit eigenvalue: they stay decoupled.
+  eig_l = _eigh(l_c, (damping + pad_l) * jnp.ones(l_c.shape[:-1], l_c.dtype))
+  eig_r = _eigh(r_c, (damping + pad_r) * jnp.ones(r_c.shape[:-1], r_c.dtype))
+  return _Eigen(l_c, r_c, x, eig_l.eigenvectors, eig_r.eigenvectors,
+                jnp.concatenate([eig_l.eigenvalues, eig_r.eigenvalues], -1))
+
+
+def _eigenvalue_variance(tilings, eigen, spectra, grads, mb, group_name, *,
+                         b2, damping, estimator):
+  r"""The variance of every eigenvalue from its microbatch re-estimates.
+
+  In the fixed eigenbases, eigenvalue :math:`k` re-estimated from the group
+  without microbatch :math:`j` (jackknife) or from microbatch :math:`j`
+  alone (``"paper"``) is :math:`base_k + (1-eta_2)\|row_k(Q^	op X)\|^2`
+  with :math:`base_k = eta_2 (Q^	op L Q)_{kk} + \delta`, read off the
+  eigenvalue itself: :math:`base_k = \ell_k - (1-eta_2)\|row_k(Q^	op
+  ar X)\|^2`. Projections are linear, so the leave-one-out projection is
+  :math:`(n ar Z - Z_j)/(n - 1)` with :math:`Z = Q_L^	op X Q_R`.
   """
-  if mb.axis_name is not None or group == "all":
-    return jnp.arange(mb.local), mb, group
-  half = mb.total // 2
-  start, stop = (0, half) if group == "first" else (half, mb.total)
-  n = stop - start
-  return (jnp.arange(start, stop),
-          microbatch.Microbatches(local=n, total=n, axis_name=None), "all")
+  group = microbatch.group(mb, group_name)
+  n = group.size
+  loo = estimator == "jackknife"
+  z_means = jax.tree.map(
+      lambda t, e: _project(e.left_vectors, e.tiles, e.right_vectors),
+      tilings, eigen)
+  bases = jax.tree.map(
+      lambda t, e, z: e.values - (1 - b2) * _projected_norms(z),
+      tilings, eigen, z_means)
+
+  def estimates(j):
+    """Microbatch j's eigenvalue estimates in the fixed eigenbases."""
+    def leaf(t, g, e, z_mean, base):
+      g_j = jax.lax.dynamic_index_in_dim(g, j, keepdims=False).astype(
+          z_mean.dtype)
+      z = _project(e.left_vectors, _to_tiles(g_j, t), e.right_vectors)
+      if loo:  # Q_L^T Gbar_(-j) Q_R
+        z = (n * z_mean - z) * (1.0 / (n - 1))
+      return jnp.maximum(base + (1 - b2) * _projected_norms(z), damping)
+    return jax.tree.map(leaf, tilings, grads, eigen, z_means, bases)
+
+  # A rolled loop: one microbatch's tile buffers at a time, so the scratch
+  # memory does not grow with M (an unrolled loop lets XLA run the
+  # independent per-microbatch products side by side, one set of buffers
+  # each). Only the (M, n, t1 + t2) estimates are stacked; their spread,
+  # group-weighted and summed over the named axis, comes from the shared
+  # code (the samples are the denominators themselves).
+  samples = jax.lax.map(estimates, group.indices())
+  spread = crossfit.denominator_spread(
+      lambda values: values, samples, spectra, group.layout, group.name,
+      loo=False)
+  return inverse.variance_from_spread(spread, n, estimator, loo=loo)
+
+
+def _candidate_roots(tilings, factors, group_mean, grads, mb, group_name, *,
+                     b2, damping, exponent, estimator) -> PyTree:
+  """Candidate factors and corrected roots from one group's statistic.
+
+  Args:
+    tilings: the tiling tree.
+    factors: the ``_Factors`` before this step.
+    group_mean: the group's mean gradient (param-shaped leaves).
+    grads: the microbatched gradients (the group's variance visits them).
+    mb: their layout.
+    group_name: ``"all"``, ``"first"`` or ``"second"``.
+    b2, damping, exponent, estimator: as in :func:`scale_by_shampoo_bc`.
+
+  Returns:
+    A ``_Factors`` per eligible leaf: ``(L_c, R_c, P_L, P_R)``.
+  """
+  eigen = jax.tree.map(
+      lambda t, f, s: _eigen(t, f, s, b2, damping), tilings, factors,
+      group_mean)
+  spectra = jax.tree.map(lambda t, e: jnp.maximum(e.values, damping),
+                         tilings, eigen)
+  variance = None
+  if estimator is not None:
+    variance = _eigenvalue_variance(
+        tilings, eigen, spectra, grads, mb, group_name, b2=b2,
+        damping=damping, estimator=estimator)
+  roots = inverse.variance_correct_inverse(spectra, variance,
+                                           exponent=exponent)
+  return jax.tree.map(
+      lambda t, e, d: _Factors(
+          e.left, e.right, _root(e.left_vectors, d[..., :t.row_size]),
+          _root(e.right_vectors, d[..., t.row_size:])),
+      tilings, eigen, roots)
+
+
+def _momentum(tilings, mu, a, b1) -> PyTree:
+  """Candidate momentum ``b1 Mom + (1 - b1) A`` in tiles."""
+  return jax.tree.map(
+      lambda t, m, x: _to_tiles(b1 * m.astype(x.dtype) + (1 - b1) * x, t),
+      tilings, mu, a)
+
+
+def _precondition(tilings, factors, momentum) -> PyTree:
+  """``P_L Mom P_R`` per tile with the roots of ``factors``."""
+  return jax.tree.map(
+      lambda t, f, m: jnp.einsum("nij,njk,nkl->nil", f.left_root, m,
+                                 f.right_root, precision=_HIGHEST),
+      tilings, factors, momentum)
+
+
+def _finite_roots(tilings, new, old) -> PyTree:
+  """``new``'s roots, keeping ``old``'s for tiles whose new roots are not
+  finite (the factors are the old ones: only the roots are used)."""
+  def leaf(t, n, o):
+    ok = _finite(n.left_root, n.right_root)
+    return o._replace(left_root=_where_tiles(ok, n.left_root, o.left_root),
+                      right_root=_where_tiles(ok, n.right_root, o.right_root))
+  return jax.tree.map(leaf, tilings, new, old)
+
+
+def _finite_factors(tilings, new, old) -> PyTree:
+  """``new``, keeping ``old`` for tiles where any new factor or root is not
+  finite."""
+  def leaf(t, n, o):
+    ok = _finite(*n)
+    return _Factors(*(_where_tiles(ok, a, b) for a, b in zip(n, o)))
+  return jax.tree.map(leaf, tilings, new, old)
+
+
+def _cached_step(tilings, factors, mu, g_bar, *, b1):
+  """A non-root step: the cached roots on the full-batch momentum."""
+  return _precondition(tilings, factors, _momentum(tilings, mu, g_bar, b1)
+                       ), factors
+
+
+def _root_step(tilings, factors, mu, grads, g_bar, mb, *, b1, scheme,
+               **roots_kwargs):
+  """A root step: the scheme's candidate roots, and new persistent ones.
+
+  The persistent factors and roots come from the full batch; the update
+  uses the roots of the scheme's preconditioner group on the momentum of
+  its numerator group (SPEC section 1's table; tiles whose candidate roots
+  are not finite fall back to the cached roots).
+  """
+  def candidate(name):
+    mean = g_bar if name == "all" else microbatch.mean(grads, mb, name)
+    return _candidate_roots(tilings, factors, mean, grads, mb, name,
+                            **roots_kwargs)
+
+  persistent = _finite_factors(tilings, candidate("all"), factors)
+  if scheme is None:
+    return _precondition(tilings, persistent,
+                         _momentum(tilings, mu, g_bar, b1)), persistent
+
+  def fold(numerator_group, preconditioner_group):
+    roots = _finite_roots(tilings, candidate(preconditioner_group), factors)
+    return _precondition(tilings, roots, _momentum(
+        tilings, mu, microbatch.mean(grads, mb, numerator_group), b1))
+
+  u = fold("first", "second")
+  if scheme == "symmetric":
+    u = jax.tree.map(lambda x, y: 0.5 * (x + y), u, fold("second", "first"))
+  return u, persistent
 
 
 def scale_by_shampoo_bc(
@@ -272,11 +498,8 @@ def scale_by_shampoo_bc(
   roots' group is all ``M``; ``"twofold"`` adds ``M/2``, ``"symmetric"``
   ``M``): about ``6 M t^3`` flops per square tile for ``"twofold"``,
   against four eigendecompositions and about ``20 t^3`` flops for the
-  uncorrected root step (on 2 CPU cores at ``t = 1024`` the correction
-  adds 41% (wall) / 53% (CPU time) to a twofold root step at ``M = 4`` and
-  118% / 151% at ``M = 16``, as much as the ``1.5 M`` projections cost on
-  their own; ``benchmarks/shampoo_cost.py``). Persistent state comes from
-  the full batch:
+  uncorrected root step (``docs/performance.md`` gives measured costs).
+  Persistent state comes from the full batch:
   :math:`M \leftarrow M_c(\bar G)` every step; on root steps
   :math:`L \leftarrow L_c(\bar G)`, :math:`R \leftarrow R_c(\bar G)`, and
   the cached roots are recomputed from them with the same correction over
@@ -293,8 +516,7 @@ def scale_by_shampoo_bc(
 
   On CPU, ``jnp.linalg.eigh`` calls LAPACK from SciPy's OpenBLAS, whose
   worker threads busy-wait: on a machine with more runnable threads than
-  cores a root step can take 100 times longer than it should (a ``256 x
-  256`` eigendecomposition 1-2 s instead of 4 ms). Set
+  cores, root steps can become many times slower. Set
   ``OPENBLAS_NUM_THREADS=1`` before starting Python there.
 
   With ``graft="adam"`` each tile's direction is rescaled to the Frobenius
@@ -373,241 +595,80 @@ def scale_by_shampoo_bc(
   inverse.check_estimator(inverse_correction)
   if graft not in GRAFTS:
     raise ValueError(f"graft={graft!r} is not one of {GRAFTS}.")
-  if not damping > 0:
-    raise ValueError(
-        f"damping must be positive (it floors the eigenvalues), got"
-        f" {damping!r}.")
-  if not exponent > 0:
-    raise ValueError(f"exponent must be positive, got {exponent!r}.")
-  if int(precondition_every) != precondition_every or precondition_every < 1:
-    raise ValueError(
-        f"precondition_every must be a positive integer, got"
-        f" {precondition_every!r}.")
-  if int(block_size) != block_size or block_size < 2:
-    raise ValueError(
-        f"block_size must be an integer >= 2, got {block_size!r}.")
+  numerics.check_positive("damping", damping, "it floors the eigenvalues")
+  numerics.check_positive("exponent", exponent)
+  numerics.check_integer("precondition_every", precondition_every, 1)
+  numerics.check_integer("block_size", block_size, 2)
   block_size = int(block_size)
   precondition_every = int(precondition_every)
+  roots_kwargs = dict(b2=b2, damping=damping, exponent=exponent,
+                      estimator=inverse_correction)
 
-  def uses_adam(tiling):
-    return tiling is None or graft == "adam"
+  def uses_adam(tree, tilings):
+    """Per leaf: does it need Adam (the fallback, or the graft norm)?"""
+    return jax.tree.map(lambda x, t: _is_fallback(t) or graft == "adam",
+                        tree, tilings)
 
   def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
-    nu, left, right, left_root, right_root = [], [], [], [], []
-    for p in leaves:
-      t = _tiling(jnp.shape(p), block_size)
-      dtype = microbatch.accumulation_dtype(jnp.result_type(p))
-      nu.append(jnp.zeros(jnp.shape(p), dtype) if uses_adam(t)
-                else optax.MaskedNode())
-      if t is None:
-        for field in (left, right, left_root, right_root):
-          field.append(optax.MaskedNode())
-        continue
-      for field, size in ((left, t.row_size), (right, t.col_size)):
-        field.append(jnp.zeros((t.count, size, size), dtype))
-      for field, size in ((left_root, t.row_size), (right_root, t.col_size)):
-        field.append(jnp.broadcast_to(jnp.eye(size, dtype=dtype),
-                                      (t.count, size, size)))
-    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
+    tilings = _tilings(params, block_size, microbatched=False)
+    factors = jax.tree.map(_initial_factors, tilings,
+                           _eligible(params, tilings))
     return ScaleByShampooBCState(
         count=jnp.zeros([], jnp.int32),
-        mu=adam.zeros_moment(params, mu_dtype),
-        nu=unflatten(nu),
-        left=unflatten(left),
-        right=unflatten(right),
-        left_root=unflatten(left_root),
-        right_root=unflatten(right_root),
+        mu=numerics.zeros_moment(params, mu_dtype),
+        nu=_keep(numerics.zeros_moment(params), uses_adam(params, tilings)),
+        **{name: _field(tilings, factors, name) for name in _Factors._fields},
     )
 
-  def inverse_roots(tilings, factors, group_mean, grads, mb, group):
-    """Candidate factors and corrected roots from one group's statistic.
+  def adam_directions(updates, state, adam_mask, count, mb):
+    """AdamW-BC: fallback parameters, and every tile's graft norm."""
+    grads, mu = _keep(updates, adam_mask), _keep(state.mu, adam_mask)
+    numerator_fn, denominator_fn = adam.adam_terms(
+        mu, state.nu, count, b1, fallback_b2, fallback_eps)
+    return crossfit.cross_fitted(
+        grads, numerator_fn, denominator_fn, mb, scheme=cross_fit,
+        inverse_correction=inverse_correction)
 
-    ``factors`` are the per-leaf ``(L, R)`` before this step, ``group_mean``
-    the group's per-leaf mean gradients and ``grads`` the microbatched
-    gradients; returns per-leaf ``(Lc, Rc, PLc, PRc)`` tiles.
-    """
-    candidates, eigen, tiles = [], [], []
-    for (l_old, r_old), s, t in zip(factors, group_mean, tilings):
-      x = _to_tiles(s, t)
-      l_c = b2 * l_old + (1 - b2) * jnp.einsum(
-          "nij,nkj->nik", x, x, precision=_HIGHEST)
-      r_c = b2 * r_old + (1 - b2) * jnp.einsum(
-          "nji,njk->nik", x, x, precision=_HIGHEST)
-      pad_l, pad_r = _padding(t) if t.padded else (0.0, 0.0)
-      ones_l = jnp.ones(l_c.shape[:-1], l_c.dtype)
-      ones_r = jnp.ones(r_c.shape[:-1], r_c.dtype)
-      # Padded coordinates get a unit eigenvalue: they stay decoupled.
-      eig_l = _eigh(l_c, (damping + pad_l) * ones_l)
-      eig_r = _eigh(r_c, (damping + pad_r) * ones_r)
-      candidates.append((l_c, r_c))
-      eigen.append((eig_l, eig_r))
-      tiles.append(x)
-
-    # Each leaf's spectra as one (n, t1 + t2) vector: L's eigenvalues, then
-    # R's.
-    raw = [jnp.concatenate([eig_l.eigenvalues, eig_r.eigenvalues], axis=-1)
-           for eig_l, eig_r in eigen]
-    spectra = [jnp.maximum(l, damping) for l in raw]
-    if inverse_correction is None:
-      roots = inverse.variance_correct_inverse(spectra, exponent=exponent)
-    else:
-      loo = inverse_correction == "jackknife"
-      members, group_mb, group_name = _group_members(mb, group)
-      n = microbatch.group_size(group_mb, group_name)
-      # l_(-j)k = base_k + (1 - b2) ||row_k(Q^T X_(-j))||^2 with
-      # base_k = b2 (Q^T L Q)_kk + damping = l_k - (1 - b2) ||row_k(Q^T X)||^2.
-      # Projections are linear, so the leave-one-out projection is
-      # (n Zbar - Z_j) / (n - 1) with Z = Q_L^T X Q_R.
-      z_means = [_project(eig_l.eigenvectors, x, eig_r.eigenvectors)
-                 for (eig_l, eig_r), x in zip(eigen, tiles)]
-      bases = [l - (1 - b2) * _projected_norms(z)
-               for l, z in zip(raw, z_means)]
-
-      def estimates(j):
-        """Microbatch j's eigenvalue estimates in the fixed eigenbases."""
-        out = []
-        for g, t, (eig_l, eig_r), z_mean, base in zip(
-            grads, tilings, eigen, z_means, bases):
-          g_j = jax.lax.dynamic_index_in_dim(g, j, keepdims=False).astype(
-              z_mean.dtype)
-          z = _project(eig_l.eigenvectors, _to_tiles(g_j, t),
-                       eig_r.eigenvectors)
-          if loo:  # Q_L^T Gbar_(-j) Q_R
-            z = (n * z_mean - z) * (1.0 / (n - 1))
-          out.append(jnp.maximum(base + (1 - b2) * _projected_norms(z),
-                                 damping))
-        return out
-
-      # A rolled loop: one microbatch's tile buffers at a time, so the
-      # scratch memory does not grow with M (an unrolled loop lets XLA run
-      # the independent per-microbatch products side by side, one set of
-      # buffers each). Only the (M, n, t1 + t2) estimates are stacked.
-      samples = jax.lax.map(estimates, members)
-      # The samples are the leave-one-out (or per-microbatch) eigenvalues
-      # themselves: their spread, group-weighted and summed over the named
-      # axis, by the shared code.
-      spread = crossfit.denominator_spread(
-          lambda values: values, samples, spectra, group_mb, group_name,
-          loo=False)
-      variance = inverse.variance_from_spread(
-          spread, n, inverse_correction, loo=loo)
-      roots = inverse.variance_correct_inverse(spectra, variance,
-                                               exponent=exponent)
-
-    return [
-        (l_c, r_c, _root(eig_l.eigenvectors, d[..., :t.row_size]),
-         _root(eig_r.eigenvectors, d[..., t.row_size:]))
-        for (l_c, r_c), (eig_l, eig_r), d, t in zip(
-            candidates, eigen, roots, tilings)]
+  def direction(tiling, adam_u, shampoo_u):
+    """A parameter's direction: Adam's, or Shampoo's tiles (grafted)."""
+    if _is_fallback(tiling):
+      return adam_u
+    if graft == "adam":
+      shampoo_u = _graft(shampoo_u, _to_tiles(adam_u, tiling), tiling)
+    return _from_tiles(shampoo_u, tiling)
 
   def update_fn(updates, state, params=None):
     mb = microbatch.layout(updates, axis_name, params)
     crossfit.check_microbatch_count(mb, cross_fit, inverse_correction)
-    grads, treedef = jax.tree.flatten(updates)
-    tilings = [_tiling(jnp.shape(g)[1:], block_size) for g in grads]
-    mu = treedef.flatten_up_to(state.mu)
-    nu = treedef.flatten_up_to(state.nu)
-    count = numerics.safe_increment(state.count)
-    g_bar = microbatch.microbatch_mean(grads, axis_name)
-    directions = [None] * len(grads)
-
-    # AdamW-BC: fallback parameters, and every tile's graft norm.
-    adam_idx = [i for i, t in enumerate(tilings) if uses_adam(t)]
-    adam_dirs = {}
-    if adam_idx:
-      numerator_fn, denominator_fn = adam.adam_terms(
-          [mu[i] for i in adam_idx], [nu[i] for i in adam_idx], count, b1,
-          fallback_b2, fallback_eps)
-      adam_dirs = dict(zip(adam_idx, crossfit.cross_fit(
-          [grads[i] for i in adam_idx], numerator_fn, denominator_fn,
-          scheme=cross_fit, inverse_correction=inverse_correction,
-          axis_name=axis_name)))
-
-    # Shampoo for eligible parameters.
-    idx = [i for i, t in enumerate(tilings) if t is not None]
-    tilings_e = [tilings[i] for i in idx]
-    pick = lambda field: [treedef.flatten_up_to(field)[i] for i in idx]
-    old = list(zip(pick(state.left), pick(state.right),
-                   pick(state.left_root), pick(state.right_root)))
-    grads_e = [grads[i] for i in idx]
-    g_bar_e = [g_bar[i] for i in idx]
-
-    def momentum(a):
-      return [_to_tiles(b1 * mu[i].astype(x.dtype) + (1 - b1) * x,
-                        tilings[i]) for i, x in zip(idx, a)]
-
-    def precondition(roots, mom):
-      return [jnp.einsum("nij,njk,nkl->nil", pl, m, pr, precision=_HIGHEST)
-              for (pl, pr), m in zip(roots, mom)]
-
-    def cached():
-      roots = [(pl, pr) for _, _, pl, pr in old]
-      return precondition(roots, momentum(g_bar_e)), old
-
-    def refresh():
-      def candidate(group):
-        mean = g_bar_e if group == "all" else microbatch.mean(
-            grads_e, axis_name, group)
-        return inverse_roots(tilings_e, [(l, r) for l, r, _, _ in old], mean,
-                             grads_e, mb, group)
-
-      persistent = []
-      for new, prev in zip(candidate("all"), old):
-        ok = _finite(*new)
-        persistent.append(tuple(_where_tiles(ok, n_, p_)
-                                for n_, p_ in zip(new, prev)))
-      if cross_fit is None:
-        roots = [(pl, pr) for _, _, pl, pr in persistent]
-        return precondition(roots, momentum(g_bar_e)), persistent
-
-      def fold(numerator_group, preconditioner_group):
-        roots = []
-        for (_, _, pl, pr), (_, _, pl_old, pr_old) in zip(
-            candidate(preconditioner_group), old):
-          ok = _finite(pl, pr)
-          roots.append((_where_tiles(ok, pl, pl_old),
-                        _where_tiles(ok, pr, pr_old)))
-        return precondition(roots, momentum(
-            microbatch.mean(grads_e, axis_name, numerator_group)))
-
-      u = fold("first", "second")
-      if cross_fit == "symmetric":
-        u = [0.5 * (x + y) for x, y in zip(u, fold("second", "first"))]
-      return u, persistent
-
-    if idx:
-      is_root = (count - 1) % precondition_every == 0
-      u_tiles, factors = jax.lax.cond(is_root, refresh, cached)
-      for i, u in zip(idx, u_tiles):
-        if graft == "adam":
-          u = _graft(u, _to_tiles(adam_dirs[i], tilings[i]), tilings[i])
-        directions[i] = _from_tiles(u, tilings[i])
-    else:
-      factors = []
-    for i in adam_idx:
-      if tilings[i] is None:
-        directions[i] = adam_dirs[i]
-
-    fields = [[optax.MaskedNode()] * len(grads) for _ in range(4)]
-    for i, new in zip(idx, factors):
-      for field, value in zip(fields, new):
-        field[i] = value
-    new_nu = [adam.ema(nu[i], jnp.square(g_bar[i]), fallback_b2)
-              if uses_adam(t) else optax.MaskedNode()
-              for i, t in enumerate(tilings)]
-    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
+    count = optax.safe_increment(state.count)
+    tilings = _tilings(updates, block_size, microbatched=True)
+    adam_mask = uses_adam(updates, tilings)
+    g_bar = microbatch.mean(updates, mb)
+    adam_u = _keep(updates, adam_mask)
+    if any(jax.tree.leaves(adam_mask)):
+      adam_u = adam_directions(updates, state, adam_mask, count, mb)
+    factors = _factors(tilings, state)
+    shampoo_u = factors  # MaskedNode everywhere, unless a leaf is eligible
+    if jax.tree.leaves(tilings):
+      grads, mu, mean = (_eligible(x, tilings)
+                         for x in (updates, state.mu, g_bar))
+      shampoo_u, factors = jax.lax.cond(
+          (count - 1) % precondition_every == 0,
+          functools.partial(_root_step, tilings, factors, mu, grads, mean, mb,
+                            b1=b1, scheme=cross_fit, **roots_kwargs),
+          functools.partial(_cached_step, tilings, factors, mu, mean, b1=b1))
+    directions = jax.tree.map(
+        lambda g, t, a, s: direction(t, a, s), updates, tilings, adam_u,
+        shampoo_u)
     new_state = ScaleByShampooBCState(
         count=count,
-        mu=unflatten(adam.ema(mu, g_bar, b1)),
-        nu=unflatten(new_nu),
-        left=unflatten(fields[0]),
-        right=unflatten(fields[1]),
-        left_root=unflatten(fields[2]),
-        right_root=unflatten(fields[3]),
+        mu=numerics.update_moment(state.mu, g_bar, b1),
+        nu=numerics.update_moment(
+            state.nu, jax.tree.map(jnp.square, _keep(g_bar, adam_mask)),
+            fallback_b2),
+        **{name: _field(tilings, factors, name) for name in _Factors._fields},
     )
-    directions = [u.astype(g.dtype) for u, g in zip(directions, grads)]
-    return unflatten(directions), new_state
+    return optax.tree.cast_like(directions, updates), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

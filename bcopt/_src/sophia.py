@@ -6,12 +6,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
-from bcopt._src import adam
 from bcopt._src import crossfit
 from bcopt._src import inverse
 from bcopt._src import microbatch
+from bcopt._src import numerics
 
 PyTree = Any
 
@@ -159,20 +158,15 @@ def scale_by_sophia_bc(
   """
   crossfit.check_scheme(cross_fit)
   inverse.check_estimator(inverse_correction)
-  if not rho > 0:
-    raise ValueError(f"rho must be positive, got {rho!r}.")
-  if not clip > 0:
-    raise ValueError(f"clip must be positive, got {clip!r}.")
-  if not eps > 0:
-    raise ValueError(
-        f"eps must be positive (the cached inverse starts at 1/eps), got"
-        f" {eps!r}.")
+  numerics.check_positive("rho", rho)
+  numerics.check_positive("clip", clip)
+  numerics.check_positive("eps", eps, "the cached inverse starts at 1/eps")
 
   def init_fn(params):
-    h = adam.zeros_moment(params)
+    h = numerics.zeros_moment(params)
     return ScaleBySophiaBCState(
         count=jnp.zeros([], jnp.int32),
-        mu=adam.zeros_moment(params, mu_dtype),
+        mu=numerics.zeros_moment(params, mu_dtype),
         h=h,
         inv=jax.tree.map(lambda x: jnp.full_like(x, 1.0 / eps), h),
     )
@@ -180,7 +174,7 @@ def scale_by_sophia_bc(
   def update_fn(updates, state, params=None, *, curvature=None):
     mb = microbatch.layout(updates, axis_name, params)
     crossfit.check_microbatch_count(mb, cross_fit, inverse_correction)
-    g_bar = microbatch.microbatch_mean(updates, axis_name)
+    g_bar = microbatch.mean(updates, mb)
 
     def numerator_fn(a):
       return jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, state.mu, a)
@@ -199,26 +193,24 @@ def scale_by_sophia_bc(
         return jax.tree.map(
             lambda h_, x: rho * (b2 * h_ + (1 - b2) * x) + eps, state.h, s)
 
-      direction = crossfit.cross_fit(
-          updates, numerator_fn, denominator_fn, scheme=cross_fit,
+      direction = crossfit.cross_fitted(
+          updates, numerator_fn, denominator_fn, mb, scheme=cross_fit,
           inverse_correction=inverse_correction, stats=curvature,
-          combine=clipped, axis_name=axis_name)
-      r_bar = microbatch.microbatch_mean(curvature, axis_name)
-      h = adam.ema(state.h, r_bar, b2)
-      inv = jax.tree.map(
-          lambda new, old: new.astype(old.dtype),
+          combine=clipped)
+      r_bar = microbatch.mean(curvature, mb)
+      h = numerics.update_moment(state.h, r_bar, b2)
+      inv = optax.tree.cast_like(
           crossfit.group_inverse(denominator_fn, curvature, r_bar, mb, "all",
                                  inverse_correction),
           state.inv)
 
     new_state = ScaleBySophiaBCState(
-        count=numerics.safe_increment(state.count),
-        mu=adam.ema(state.mu, g_bar, b1),
+        count=optax.safe_increment(state.count),
+        mu=numerics.update_moment(state.mu, g_bar, b1),
         h=h,
         inv=inv,
     )
-    direction = jax.tree.map(lambda u, g: u.astype(g.dtype), direction, updates)
-    return direction, new_state
+    return optax.tree.cast_like(direction, updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

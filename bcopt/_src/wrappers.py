@@ -10,8 +10,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
+from bcopt._src import fusion
 from bcopt._src import microbatch
 
 
@@ -56,7 +56,7 @@ def clip_by_global_norm(
     del params
     g_bar = microbatch.microbatch_mean(updates, axis_name)
     if axis_name is None:  # else a single-threaded reduce (psum stores it)
-      g_bar = microbatch.stored(g_bar)
+      g_bar = fusion.stored(g_bar)
     g_norm = optax.tree.norm(g_bar)
     trigger = g_norm < max_norm
 
@@ -123,7 +123,7 @@ def apply_if_finite(
     isfinite = microbatch.psum(bad, axis_name) == 0
     notfinite_count = jnp.where(
         isfinite, jnp.zeros([], jnp.int32),
-        numerics.safe_increment(state.notfinite_count))
+        optax.safe_increment(state.notfinite_count))
 
     def do_update(_):
       return inner.update(updates, state.inner_state, params, **extra_args)
@@ -140,7 +140,7 @@ def apply_if_finite(
         last_finite=isfinite,
         total_notfinite=jnp.where(
             isfinite, state.total_notfinite,
-            numerics.safe_increment(state.total_notfinite)),
+            optax.safe_increment(state.total_notfinite)),
         inner_state=new_inner_state,
     )
 
