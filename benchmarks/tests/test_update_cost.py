@@ -103,3 +103,18 @@ def test_smoke_run_with_ref_head(family, variants, tmp_path,
       assert mem[f"{name}, root"]["temp"] <= v[f"{name}, root"]["memory"][
           "temp"]
   assert harness.RESULTS_MD.read_text() == results_md_before  # --quick
+
+
+@pytest.mark.parametrize("name", [
+    "optimizer_overhead", "optimizer_overhead_quick", "sophia_cost",
+    "sophia_cost_quick", "shampoo_cost", "shampoo_cost_quick", "update_ab"])
+def test_replaced_records_name_their_commit_and_new_command(name):
+  r = json.loads((harness.RESULTS_DIR / f"{name}.json").read_text())
+  rep = r["replaced"]
+  old = rep["script"]
+  assert r["command"].split()[1] == old
+  # The script exists at that commit, and is gone now.
+  subprocess.run(["git", "-C", str(harness.ROOT), "cat-file", "-e",
+                  f"{rep['command_reproduces_at_commit']}:{old}"], check=True)
+  assert not (harness.ROOT / old).exists()
+  uc.parse_args(harness.command_argv(rep["equivalent_command"], uc.MODULE))
