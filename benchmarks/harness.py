@@ -151,9 +151,9 @@ def time_rounds(runners: dict[str, Callable], rounds: int,
   """Times ``runners`` interleaved; returns the number of rounds.
 
   ``warmup`` untimed calls each, then up to ``rounds`` rounds in which every
-  runner is called once, round ``k`` starting at runner ``k mod n`` (so no
-  runner always follows the same one); stops after ``max_seconds`` once
-  ``min_rounds`` rounds are done.
+  runner is called once, round ``k`` starting at runner ``k mod n`` (over
+  ``n`` rounds each runner takes every position, first included); stops
+  after ``max_seconds`` once ``min_rounds`` rounds are done.
   """
   for r in runners.values():
     for _ in range(warmup):
