@@ -1,0 +1,552 @@
+r"""Cost of one optimizer update: bcopt's three families against optax.
+
+Every cell (a family at one size and M) compiles its variants, then times
+them interleaved in one process (``benchmarks.harness``: optimizer state
+donated and fed back as in a train step, compile and ``--warmup`` calls
+excluded, rounds in which every variant runs once with the start rotated,
+``block_until_ready``, wall and process-CPU time per call; a cell stops
+after ``--max-seconds`` once it has 3 rounds). Reported: medians and
+quartiles, ratios to the baselines (of the medians, and the median of the
+per-round ratios), XLA's memory figures of each compiled program, state
+bytes; the JSON records the load average at the start of every cell.
+
+* ``adam``: ``bcopt.scale_by_adam_bc`` for every cross-fit scheme with the
+  jackknife, LOO without a correction and the standard variant (optax's rule
+  through bcopt), against ``optax.scale_by_adam`` on the mean of the same
+  microbatched gradients taken (a) by ``jnp.mean(g, 0)``, what a user
+  writes, and (b) by ``bcopt.microbatch_mean``; also a global-norm clip in
+  front (bcopt's on the microbatches, optax's on the mean). On XLA:CPU (jax
+  0.10) (a)'s reduction over the leading axis is a single-threaded YNNPACK
+  kernel, several times slower than the fused mean of (b)
+  (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce`` turns it
+  off). Trees are LM-shaped (tied embedding; per layer two norm scales,
+  fused QKV, attention output, MLP in and out). Every statistic reduces the
+  M values of one coordinate, so a fused update moves ``4 M + 20`` bytes per
+  float32 parameter in every variant; ``xla_per_param`` is XLA's own cost
+  analysis of the CPU program, which counts every kernel's operands.
+* ``sophia``: ``bcopt.scale_by_sophia_bc`` (LOO + jackknife; standard) on a
+  refresh step (``curvature=`` given) and a cached-inverse step, against
+  the same baselines, Adam-BC and ``optax.contrib.sophia`` on the mean (its
+  Hessian estimator returns the mean of the same curvature estimates; weight
+  decay 0, learning rate 1) on refresh and no-refresh steps; amortized over
+  a refresh every ``REFRESH_EVERY`` steps.
+* ``shampoo``: one ``d x d`` parameter (one tile), each variant of
+  ``SHAMPOO`` on a root step and a non-root step (one compiled program, the
+  step counter set before each call, untimed), ``optax.adam`` on the mean,
+  one ``eigh`` of a factor and one projection ``Q_L^T G_j Q_R``
+  (``bcopt._src.shampoo._project``, the correction's unit of work).
+  ``memory_step_only``: XLA's buffer assignment of the step compiled with
+  its counter fixed, so that XLA removes the ``lax.cond`` branch not taken
+  (the timed program holds both). Cost model: the twofold jackknife
+  projects ``1.5 M`` microbatches (``M`` for the roots, ``M / 2`` for the
+  candidate), so it should add about ``1.5 M x projection / root step``;
+  ``eigh_in_projections`` (``E``) is the exchange rate, and a correction
+  below 30% at ``M = 16`` needs ``E >= 18.75``. ``OPENBLAS_NUM_THREADS`` is
+  set to 1 before numpy starts unless already set: SciPy's OpenBLAS (LAPACK
+  ``eigh``) busy-waits its threads, and on a loaded machine an ``eigh`` of
+  256 x 256 then takes 1-2 s instead of 4 ms.
+
+``--ref COMMIT`` also times bcopt at COMMIT (extracted as the package
+``bcopt_ref``) against the working tree's, interleaved: every variant that
+runs bcopt code gets a twin ``NAME @ref``, a ratio ``vs.ref`` and
+``bitwise_equal_ref``: whether both versions' first outputs (updates and new
+state, from equal initial states and inputs) are equal bit for bit.
+
+Usage (results in ``benchmarks/results/update_cost[_quick|_ref].json``; a
+run without ``--quick`` or ``--ref`` also writes its RESULTS.md section)::
+
+  python -m benchmarks.update_cost --quick           # a smoke run
+  python -m benchmarks.update_cost                   # every family
+  python -m benchmarks.update_cost --family shampoo --dims 1024
+  python -m benchmarks.update_cost --ref HEAD~1 --family adam --sizes 2M \
+      --variants "loo + jackknife"                   # and the baselines
+"""
+
+import os
+
+# Before numpy loads SciPy's OpenBLAS (see the module docstring).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import argparse
+import hashlib
+import importlib.util
+import io
+import pathlib
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import bcopt
+from bcopt._src import shampoo as shampoo_src
+from benchmarks import harness
+
+MODULE = "benchmarks.update_cost"
+FAMILIES = ("adam", "sophia", "shampoo")
+SIZES = {  # LM-shaped trees: (vocab, d_model, layers)
+    "tiny": (64, 16, 1),    # tests only
+    "2M": (2048, 256, 2),   # 2,098,432 parameters
+    "16M": (8192, 512, 4),  # 16,781,824 parameters
+}
+MICROBATCHES = {"adam": [2, 8, 32], "sophia": [8], "shampoo": [4, 16]}
+REFRESH_EVERY = 10
+REF = " @ref"
+A = "optax Adam on jnp.mean (a)"
+B = "optax Adam on microbatch_mean (b)"
+CLIP_OPTAX = "optax clip + optax Adam on microbatch_mean"
+CLIP_BC = "bcopt clip + Adam-BC loo + jackknife"
+ADAM_LOO = "Adam-BC loo + jackknife"
+ADAM = {  # name: (cross_fit, inverse_correction) of scale_by_adam_bc
+    ADAM_LOO: ("loo", "jackknife"),
+    "Adam-BC twofold + jackknife": ("twofold", "jackknife"),
+    "Adam-BC symmetric + jackknife": ("symmetric", "jackknife"),
+    "Adam-BC standard + jackknife": (None, "jackknife"),
+    "Adam-BC loo, no correction": ("loo", None),
+    "Adam-BC standard, no correction": (None, None),
+}
+SOPHIA = {  # name: (cross_fit, inverse_correction) of scale_by_sophia_bc
+    "Sophia-BC loo + jackknife": ("loo", "jackknife"),
+    "Sophia-BC standard": (None, None),
+}
+CONTRIB = "optax.contrib.sophia on the mean"
+REFRESH, CACHED = ", refresh", ", no refresh"
+# name: the transform, from a bcopt version (the working tree's or --ref's).
+# "X + jackknife" is compared with "X" for the correction's cost; a
+# variance_groups=K option or a SOAP transform is one more entry.
+SHAMPOO = {
+    "standard": lambda lib: lib.scale_by_shampoo_bc(
+        cross_fit=None, inverse_correction=None),
+    "standard + jackknife": lambda lib: lib.scale_by_shampoo_bc(
+        cross_fit=None, inverse_correction="jackknife"),
+    "twofold": lambda lib: lib.scale_by_shampoo_bc(
+        cross_fit="twofold", inverse_correction=None),
+    "twofold + jackknife": lambda lib: lib.scale_by_shampoo_bc(
+        cross_fit="twofold", inverse_correction="jackknife"),
+}
+STEPS = {"root": 0, "non-root": 1}  # step kind: count before the call
+EIGH, PROJECTION, ADAM_MEAN = "one eigh", "one projection", "optax.adam"
+
+
+# ----------------------------------------------------------------------------
+# Inputs, functions, the reference version
+
+
+def lm_gradients(size: str, m: int, seed: int = 0) -> dict[str, jax.Array]:
+  """Synthetic microbatched gradients (leaves ``(M, *shape)``) of an
+  LM-shaped tree: a per-coordinate mean plus noise, both of scale 1e-3."""
+  vocab, d, layers = SIZES[size]
+  shapes = {"embed": (vocab, d), "final_norm": (d,)}
+  for i in range(layers):
+    shapes |= {f"layer{i}/{k}": s for k, s in (
+        ("attn_norm", (d,)), ("qkv", (d, 3 * d)), ("attn_out", (d, d)),
+        ("mlp_norm", (d,)), ("mlp_in", (d, 4 * d)), ("mlp_out", (4 * d, d)))}
+  key = jax.random.key(seed)
+  out = {}
+  for i, (name, shape) in enumerate(shapes.items()):
+    k_mean, k_noise = jax.random.split(jax.random.fold_in(key, i))
+    out[name] = 1e-3 * (jax.random.normal(k_mean, shape)
+                        + jax.random.normal(k_noise, (m, *shape)))
+  return jax.block_until_ready(out)
+
+
+def update(tx, mean=None):
+  """``fn(state, g, params=None, curvature=None) -> (updates, state)`` of
+  ``tx.update`` for a Runner (on ``mean`` of ``g`` and ``curvature``)."""
+  def fn(state, g, params=None, curvature=None):
+    if mean is not None:
+      g = mean(g)
+      curvature = None if curvature is None else mean(curvature)
+    extra = {} if curvature is None else {"curvature": curvature}
+    return tx.update(g, state, params, **extra)
+  return fn
+
+
+def jnp_mean(g):
+  return jax.tree.map(lambda x: jnp.mean(x, axis=0), g)
+
+
+def given_curvature() -> optax.GradientTransformationExtraArgs:
+  """A Hessian "estimator" for optax.contrib.sophia returning ``curvature``."""
+  def update_fn(updates, state, params=None, *, curvature=None, **extra):
+    del updates, params, extra
+    return curvature, state
+  return optax.GradientTransformationExtraArgs(
+      lambda params: optax.EmptyState(), update_fn)
+
+
+def load_ref(ref: str, tmp: str):
+  """bcopt at git commit ``ref`` as the package ``bcopt_ref`` (extracted to
+  ``tmp``, its imports rewritten); returns it and the full commit."""
+  def git(*a):
+    return subprocess.run(["git", "-C", str(harness.ROOT), *a], check=True,
+                          capture_output=True).stdout
+  commit = git("rev-parse", "--verify", f"{ref}^{{commit}}").decode().strip()
+  with tarfile.open(fileobj=io.BytesIO(git("archive", commit, "bcopt"))) as t:
+    t.extractall(tmp, filter="data")
+  root = pathlib.Path(tmp, "bcopt").rename(pathlib.Path(tmp, "bcopt_ref"))
+  for path in root.rglob("*.py"):
+    text = re.sub(r"\bbcopt\._src\b", "bcopt_ref._src", path.read_text())
+    text = re.sub(r"^(\s*)from bcopt import", r"\1from bcopt_ref import",
+                  text, flags=re.M)
+    if re.search(r"^\s*(from|import)\s+bcopt\b", text, flags=re.M):
+      raise ValueError(f"{path}: an import of bcopt left to rewrite")
+    path.write_text(text)
+  for name in [n for n in sys.modules if n.split(".")[0] == "bcopt_ref"]:
+    del sys.modules[name]
+  spec = importlib.util.spec_from_file_location(
+      "bcopt_ref", root / "__init__.py", submodule_search_locations=[str(root)])
+  module = sys.modules["bcopt_ref"] = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module, commit
+
+
+def fingerprint(tree) -> list:
+  """(path, dtype, shape, sha256 of the bytes) of every leaf of ``tree``."""
+  return [(jax.tree_util.keystr(p), str(x.dtype), list(x.shape),
+           hashlib.sha256(np.asarray(x).tobytes()).hexdigest())
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def xla_per_param(compiled, n: int) -> dict[str, float]:
+  cost = compiled.cost_analysis() or {}
+  return {k: round(float(cost[k]) / n, 2)
+          for k in ("bytes accessed", "flops", "transcendentals") if k in cost}
+
+
+# ----------------------------------------------------------------------------
+# Cells
+
+
+def chosen(args, name: str) -> bool:
+  """Whether ``--variants`` selects ``name`` (baselines always)."""
+  return (not args.variants or name in (A, B, ADAM_MEAN, EIGH, PROJECTION)
+          or any(part in name for part in args.variants))
+
+
+class Cell:
+  """The runners of one cell (compiled as they are added), then timed."""
+
+  def __init__(self, args):
+    self.args, self.runners, self.skipped = args, {}, {}
+
+  def add(self, name: str, *args, **kwargs) -> None:
+    """``harness.Runner(*args, **kwargs)`` as ``name``, unless not chosen
+    or the scheme needs more microbatches (a ``ValueError`` when traced)."""
+    if chosen(self.args, name.removesuffix(REF)):
+      try:
+        self.runners[name] = harness.Runner(*args, **kwargs)
+      except ValueError as e:
+        self.skipped[name] = str(e)
+
+  def measure(self, baselines: dict, n_params: int) -> dict:
+    """Times the runners interleaved; per variant its statistics, ratios
+    to ``baselines`` ({label: name}) and, with ``--ref``, to its twin."""
+    runners, args = self.runners, self.args
+    first = {}  # the first call on the initial state (also a warm-up call)
+    for name, r in runners.items():
+      if name + REF in runners or name.endswith(REF):
+        first[name] = fingerprint((r(record=False), r.state))
+    load = list(os.getloadavg())
+    rounds = harness.time_rounds(runners, args.reps, args.max_seconds,
+                                 warmup=args.warmup)
+    variants = {}
+    for name, r in runners.items():
+      v = variants[name] = {
+          **harness.stats(r), "vs": {k: harness.ratios(r, runners[b])
+                                     for k, b in baselines.items()},
+          "compile_s": round(r.compile_s, 2),
+          "memory": harness.memory(r.compiled),
+          "state_bytes": harness.nbytes(r.state),
+          "xla_per_param": xla_per_param(r.compiled, n_params)}
+      if name + REF in runners:
+        v["vs"]["ref"] = harness.ratios(r, runners[name + REF])
+        v["bitwise_equal_ref"] = first[name] == first[name + REF]
+    return {"n_params": n_params, "loadavg_start": load, "rounds": rounds,
+            "variants": variants, "skipped": self.skipped}
+
+
+def adam_cell(size: str, m: int, libs: dict, args) -> dict:
+  grads = lm_gradients(size, m)
+  params = jax.tree.map(lambda x: x[0], grads)
+  adam = optax.scale_by_adam()
+  cell = Cell(args)
+  cell.add(A, update(adam, jnp_mean), adam.init(params), grads)
+  for tag, lib in libs.items():
+    txs = {B: (adam, lib.microbatch_mean),
+           CLIP_OPTAX: (optax.chain(optax.clip_by_global_norm(1.0), adam),
+                        lib.microbatch_mean),
+           CLIP_BC: (optax.chain(lib.clip_by_global_norm(1.0),
+                                 lib.scale_by_adam_bc()), None)}
+    for name, (cf, ic) in ADAM.items():
+      txs[name] = (lib.scale_by_adam_bc(cross_fit=cf, inverse_correction=ic),
+                   None)
+    for name, (tx, mean) in txs.items():
+      cell.add(name + tag, update(tx, mean), tx.init(params), grads)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  return {"size": size, "M": m, "ideal_fused_bytes_per_param": 4 * m + 20,
+          **cell.measure({"a": A, "b": B}, n)}
+
+
+def sophia_cell(size: str, m: int, libs: dict, args) -> dict:
+  grads = lm_gradients(size, m)
+  # GNB estimates are squares: non-negative and heavy-tailed.
+  curv = jax.tree.map(lambda r: 1e3 * r * r, lm_gradients(size, m, seed=1))
+  params = jax.tree.map(lambda x: x[0], grads)
+  adam = optax.scale_by_adam()
+  contrib = optax.contrib.sophia(1.0, weight_decay=0.0,
+                                 update_interval=REFRESH_EVERY,
+                                 hessian_diagonal_fn=given_curvature())
+  cell = Cell(args)
+  cell.add(A, update(adam, jnp_mean), adam.init(params), grads)
+  for kind, count in ((REFRESH, 0), (CACHED, 1)):
+    cell.add(CONTRIB + kind, update(contrib, bcopt.microbatch_mean),
+             contrib.init(params), grads, params, curv,
+             prepare=lambda s, c=count: harness.with_count(s, c))
+  for tag, lib in libs.items():
+    cell.add(B + tag, update(adam, lib.microbatch_mean), adam.init(params),
+             grads)
+    tx = lib.scale_by_adam_bc()
+    cell.add(ADAM_LOO + tag, update(tx), tx.init(params), grads)
+    for name, (cf, ic) in SOPHIA.items():
+      tx = lib.scale_by_sophia_bc(cross_fit=cf, inverse_correction=ic)
+      cell.add(name + REFRESH + tag, update(tx), tx.init(params), grads, None,
+               curv)
+      cell.add(name + CACHED + tag, update(tx), tx.init(params), grads)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  cell = {"size": size, "M": m, **cell.measure({"a": A, "b": B}, n)}
+  v = cell["variants"]
+  k = REFRESH_EVERY
+  cell[f"amortized_every_{k}"] = {
+      name: {f"{stat}_vs_{base}": round(
+          (v[name + REFRESH][stat] + (k - 1) * v[name + CACHED][stat])
+          / k / v[baseline][stat], 4)
+             for stat in ("median_ms", "cpu_median_ms")
+             for base, baseline in (("a", A), ("b", B))}
+      for name in (*SOPHIA, CONTRIB) if {name + REFRESH, name + CACHED} <= set(v)}
+  return cell
+
+
+def shampoo_cell(d: int, m: int, libs: dict, args) -> dict:
+  params = {"w": jnp.zeros((d, d), jnp.float32)}
+  grads = {"w": jax.random.normal(jax.random.key(0), (m, d, d)) + 0.3}
+  factor = grads["w"][0] @ grads["w"][0].T / d + 1e-3 * jnp.eye(d)
+  q = jnp.linalg.qr(jax.random.normal(jax.random.key(1), (1, d, d)))[0]
+  stateless = lambda f: lambda s, *a: (f(*a), s)
+  adam = optax.adam(1e-3)
+  cell, step_memory = Cell(args), {}
+  cell.add(ADAM_MEAN, update(adam, bcopt.microbatch_mean), adam.init(params),
+           grads)
+  cell.add(EIGH, stateless(jnp.linalg.eigh), jnp.zeros(()), factor,
+           donate=False)
+  cell.add(PROJECTION, stateless(shampoo_src._project),  # pylint: disable=protected-access
+           jnp.zeros(()), q, grads["w"][:1], q, donate=False)
+  for tag, lib in libs.items():
+    for name in filter(lambda name: chosen(args, name), SHAMPOO):
+      tx = SHAMPOO[name](lib)
+      program = update(tx)
+      for kind, count in STEPS.items():
+        prepare = lambda s, c=count: harness.with_count(s, c)
+        cell.add(f"{name}, {kind}{tag}", program, tx.init(params), grads,
+                 params, prepare=prepare)
+        program = getattr(cell.runners.get(f"{name}, {kind}{tag}"),
+                          "compiled", program)  # one program for both
+        if not tag and f"{name}, {kind}" in cell.runners:
+          fixed = lambda s, g, p, prepare=prepare, tx=tx: tx.update(
+              g, prepare(s), p)
+          step_memory[f"{name}, {kind}"] = harness.memory(jax.jit(
+              fixed, donate_argnums=0).lower(tx.init(params), grads,
+                                             params).compile())
+  cell = {"d": d, "M": m, "gradients_bytes": m * d * d * 4,
+          **cell.measure({"adam": ADAM_MEAN}, d * d),
+          "memory_step_only": step_memory}
+  cell["summary"] = shampoo_summary(cell["variants"], m)
+  return cell
+
+
+def shampoo_summary(v: dict, m: int) -> dict:
+  """Correction overheads, the cost model and the step costs in Adams (of
+  the variants timed): {key: (numerator, denominator, factor, offset)}."""
+  terms = {"eigh_in_projections": (EIGH, PROJECTION, 1, 0),
+           "predicted_overhead twofold": (PROJECTION, "twofold, root",
+                                          1.5 * m, 0)}
+  for name in SHAMPOO:
+    base = name.split(" + ")[0]
+    if base != name:
+      terms[f"correction_overhead {base}"] = (f"{name}, root",
+                                              f"{base}, root", 1, -1)
+  for kind in STEPS:
+    terms[f"twofold + jackknife, {kind} step / optax.adam"] = (
+        f"twofold + jackknife, {kind}", ADAM_MEAN, 1, 0)
+  return {stat: {k: round(f * v[a][stat] / v[b][stat] + c, 4)
+                 for k, (a, b, f, c) in terms.items() if a in v and b in v}
+          for stat in ("median_ms", "cpu_median_ms")}
+
+
+CELLS = {"adam": adam_cell, "sophia": sophia_cell, "shampoo": shampoo_cell}
+
+
+# ----------------------------------------------------------------------------
+# Report
+
+
+def label(cell: dict) -> str:
+  where = f"{cell['size']}" if "size" in cell else f"d={cell['d']}"
+  return f"{where}, M={cell['M']}"
+
+
+def grid(cells: list, fmt, extra_rows=()) -> str:
+  """Variants (rows, twins @ref left out) by cells (columns)."""
+  names = dict.fromkeys(n for c in cells for n in (*c["variants"],
+                                                   *c["skipped"])
+                        if not n.endswith(REF))
+  rows = [[n, *(fmt(c["variants"][n]) if n in c["variants"] else "n/a"
+                for c in cells)] for n in names]
+  return harness.table(["variant", *map(label, cells)],
+                       [*rows, *extra_rows])
+
+
+def x_b(v: dict) -> str:
+  return f"{v['vs']['b']['wall']:.2f} / {v['vs']['b']['cpu']:.2f}"
+
+
+def ref_table(families: dict) -> str:
+  rows = [[f, label(c), n, f"{v['median_ms']:.4g}",
+           f"{c['variants'][n + REF]['median_ms']:.4g}",
+           f"{v['vs']['ref']['wall_paired']:.3f} / "
+           f"{v['vs']['ref']['cpu_paired']:.3f}",
+           "yes" if v["bitwise_equal_ref"] else "**no**"]
+          for f, cells in families.items() for c in cells
+          for n, v in c["variants"].items() if "ref" in v["vs"]]
+  return harness.table(["family", "cell", "variant", "ms", "@ref ms",
+                        "x @ref (per-round wall / CPU)", "bitwise equal"],
+                       rows)
+
+
+def report(families: dict, ref) -> str:
+  out = []
+  if "adam" in families:
+    cells = families["adam"]
+    state = [[f"state bytes of {name} / of (b)", *(
+        f"{c['variants'][name]['state_bytes'] / c['variants'][B]['state_bytes']:.2f}"
+        for c in cells)] for name in cells[0]["variants"] if name == ADAM_LOO]
+    b_ms = [["(b), median ms",
+             *(f"{c['variants'][B]['median_ms']:.4g}" for c in cells)]]
+    out += ["### Adam-BC: median wall / CPU time as a multiple of (b)\n",
+            grid(cells, x_b, b_ms + state)]
+  if "sophia" in families:
+    cells, k = families["sophia"], REFRESH_EVERY
+    amortized = [[f"{name}, refresh every {k} (amortized)", *(
+        f"{c[f'amortized_every_{k}'][name]['median_ms_vs_b']:.2f} / "
+        f"{c[f'amortized_every_{k}'][name]['cpu_median_ms_vs_b']:.2f}"
+        for c in cells)] for name in cells[0][f"amortized_every_{k}"]]
+    out += ["\n### Sophia-BC: median wall / CPU time as a multiple of (b)\n",
+            grid(cells, x_b, amortized)]
+  if "shampoo" in families:
+    cells = families["shampoo"]
+    out += ["\n### Shampoo-BC, one d x d parameter: median wall / CPU ms\n",
+            grid(cells, lambda v: f"{v['median_ms']:.4g} / "
+                 f"{v['cpu_median_ms']:.4g}")]
+    rows = [[k, *(f"{c['summary']['median_ms'][k]:.3g} / "
+                  f"{c['summary']['cpu_median_ms'][k]:.3g}" for c in cells)]
+            for k in cells[0]["summary"]["median_ms"]]
+    mib = lambda c, name, k: f"{c['memory_step_only'][name][k] / 2**20:.4g}"
+    rows += [[f"{name} only: temp / peak MiB", *(
+        f"{mib(c, name, 'temp')} / {mib(c, name, 'peak_bound')}"
+        for c in cells)] for name in cells[0]["memory_step_only"]]
+    rows.append(["gradients MiB",
+                 *(f"{c['gradients_bytes'] / 2**20:.4g}" for c in cells)])
+    out += ["\n### Shampoo-BC: correction, cost model (wall / CPU), memory\n",
+            harness.table(["", *map(label, cells)], rows)]
+  if ref:
+    out += [f"\n### Working tree against bcopt at {ref['commit'][:12]}"
+            f" (`--ref {ref['requested']}`)\n", ref_table(families)]
+  return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------
+# Driver
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--family", nargs="+", choices=FAMILIES,
+                 default=list(FAMILIES))
+  p.add_argument("--ref", metavar="COMMIT", help="also time bcopt at COMMIT"
+                 " and compare its outputs bit for bit")
+  p.add_argument("--quick", action="store_true", help="a smoke run (2M, M=8;"
+                 " d=128, M=4; 3 rounds of <= 10 s); no RESULTS.md section")
+  p.add_argument("--sizes", nargs="+", choices=SIZES,
+                 help="adam, sophia: LM-shaped trees (default 2M 16M)")
+  p.add_argument("--dims", nargs="+", type=int,
+                 help="shampoo: d of the d x d parameter (default 256 1024)")
+  p.add_argument("--microbatches", nargs="+", type=int, help="M, for every"
+                 f" family (default {MICROBATCHES})")
+  p.add_argument("--variants", nargs="+", metavar="TEXT", help="only the"
+                 " variants whose names contain one of these (and the"
+                 " baselines)")
+  p.add_argument("--reps", type=int, help="rounds per cell (default 15)")
+  p.add_argument("--max-seconds", type=float, help="a cell stops after this"
+                 " once it has 3 rounds (default 60)")
+  p.add_argument("--warmup", type=int, default=2,
+                 help="untimed calls per variant after the first")
+  p.add_argument("--out", help="JSON path (default benchmarks/results/"
+                 "update_cost[_quick|_ref].json)")
+  args = p.parse_args(argv)
+  q = args.quick
+  args.sizes = args.sizes or (["2M"] if q else ["2M", "16M"])
+  args.dims = args.dims or ([128] if q else [256, 1024])
+  args.microbatches = {f: args.microbatches or (
+      ([4] if f == "shampoo" else [8]) if q else MICROBATCHES[f])
+                       for f in args.family}
+  args.reps = args.reps or (3 if q else 15)
+  args.max_seconds = args.max_seconds or (10.0 if q else 60.0)
+  suffix = "_quick" if q else "_ref" if args.ref else ""
+  args.out = args.out or str(harness.RESULTS_DIR / f"update_cost{suffix}.json")
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  env = harness.environment()
+  print(f"# update cost: jax {env['jax']}, {env['devices']}, "
+        f"{env['cpus_usable']} CPUs, load {env['loadavg_start'][0]:.2f}",
+        flush=True)
+  families, ref = {}, None
+  with tempfile.TemporaryDirectory() as tmp:
+    libs = {"": bcopt}
+    if args.ref:
+      libs[REF], commit = load_ref(args.ref, tmp)
+      ref = {"requested": args.ref, "commit": commit}
+    for family in args.family:
+      families[family] = []
+      for x in args.dims if family == "shampoo" else args.sizes:
+        for m in args.microbatches[family]:
+          cell = CELLS[family](x, m, libs, args)
+          families[family].append(cell)
+          print(f"{family} {label(cell)}: {cell['rounds']} rounds, load "
+                f"{cell['loadavg_start'][0]:.2f}", flush=True)
+  markdown = report(families, ref)
+  print(markdown)
+  result = {"command": harness.command(MODULE, argv),
+            "environment": harness.finish(env), "config": vars(args),
+            "ref": ref, "families": families, "markdown": markdown}
+  harness.write_json(args.out, result)
+  if not args.quick and not args.ref:
+    harness.write_section("update_cost", f"## Cost of one update "
+                          f"(`{result['command']}`)\n\n{markdown}")
+  print(f"wrote {args.out}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
