@@ -1,8 +1,6 @@
 """Helpers running a microbatched transform under each named-axis mapping."""
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 AXIS = "mb"
@@ -29,7 +27,7 @@ def run_mapped(mapping, step, grads, state, extra=None):
                        split_for_members(extra) if extra is not None else None)
     return jax.tree.map(lambda x: x[0], out)
   if mapping == "vmap":
-    out = jax.vmap(step, axis_name=AXIS, in_axes=(0, None, 0))(
+    out = jax.jit(jax.vmap(step, axis_name=AXIS, in_axes=(0, None, 0)))(
         split_for_members(grads), state,
         split_for_members(extra) if extra is not None else None)
     return jax.tree.map(lambda x: x[0], out)

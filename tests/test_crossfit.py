@@ -53,7 +53,7 @@ def test_rebuilt_adam_equals_scale_by_adam_bc(scheme, estimator):
   s1, s2 = ours.init(params), mine.init(params)
   for _ in range(3):
     g = jax.tree.map(lambda p: jnp.asarray(0.3 + rng.normal(size=(8,) + p.shape), jnp.float32), params)
-    u1, s1 = ours.update(g, s1, params)
+    u1, s1 = jax.jit(ours.update)(g, s1, params)
     u2, s2 = jax.jit(mine.update)(g, s2, params)
     chex.assert_trees_all_close(u1, u2, rtol=1e-5, atol=1e-7)
   chex.assert_trees_all_close(tuple(s1), tuple(s2), rtol=1e-5, atol=1e-8)

@@ -1,7 +1,5 @@
 """stacked == pmap == shard_map == vmap(axis_name) for the core transforms."""
 
-import itertools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -27,8 +25,9 @@ def _two_steps(make_tx, grads, mapping):
   stacked = make_tx(None)
   state = stacked.init(PARAMS)
   if mapping == "stacked":
+    update = jax.jit(stacked.update)
     for _ in range(2):
-      u, state = stacked.update(grads, state, PARAMS)
+      u, state = update(grads, state, PARAMS)
     return u, state
   named = make_tx(AXIS)
 

@@ -165,9 +165,9 @@ def test_named_axis_equals_stacked_with_curvature(mapping, scheme, estimator):
   named = bcopt.scale_by_sophia_bc(cross_fit=scheme,
                                    inverse_correction=estimator,
                                    axis_name=AXIS)
-  s = stacked.init(params)
-  u_ref, s_ref = stacked.update(g, s, params, curvature=r)
-  u_ref2, _ = stacked.update(g, s_ref, params)
+  s, update = stacked.init(params), jax.jit(stacked.update)
+  u_ref, s_ref = update(g, s, params, curvature=r)
+  u_ref2, _ = update(g, s_ref, params)
   step = lambda g_, s_, r_: named.update(g_, s_, params, curvature=r_)
   u, s_named = run_mapped(mapping, step, g, s, r)
   chex.assert_trees_all_close(u, u_ref, rtol=1e-5, atol=1e-7)
