@@ -70,9 +70,6 @@ def _make(family, config, axis_name=None, **hyper):
 
 _COMPILED = {}
 _TRACES = collections.Counter()
-# LLVM's optimisations are most of the compile time of these small programs
-# (Shampoo's: 40%) and buy nothing here: the same HLO, compiled at -O0.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _stepper(family, configs, params, mapping=None, **hyper):
@@ -102,7 +99,7 @@ def _stepper(family, configs, params, mapping=None, **hyper):
         return every(grads, states, curvature)
       return run_mapped(mapping, every, grads, states, curvature)
 
-    _COMPILED[key] = txs, jax.jit(body, compiler_options=_FAST_COMPILE)
+    _COMPILED[key] = txs, jax.jit(body)
   return _COMPILED[key]
 
 
