@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import bcopt
-from named_axis import AXIS, MAPPINGS, run_mapped
+from named_axis import AXIS, CURRENT_MAPPINGS, MAPPINGS, run_mapped
 
 PARAMS = {"w": jnp.zeros((3, 2)), "b": jnp.zeros((5,))}
 
@@ -39,11 +39,16 @@ def _two_steps(make_tx, grads, mapping):
   return u, state
 
 
-@pytest.mark.parametrize("mapping", MAPPINGS)
-@pytest.mark.parametrize("scheme,estimator", [
-    (None, None), (None, "jackknife"), ("twofold", "jackknife"),
-    ("symmetric", "paper"), ("loo", "jackknife"), ("loo", "paper"),
-    ("symmetric", None)])
+# Every configuration under shard_map; vmap(axis_name) is covered for
+# every family by tests/test_properties.py, pmap by two configurations.
+CONFIGS = [(None, None), (None, "jackknife"), ("twofold", "jackknife"),
+           ("symmetric", "paper"), ("loo", "jackknife"), ("loo", "paper"),
+           ("symmetric", None)]
+
+
+@pytest.mark.parametrize("mapping,scheme,estimator", [
+    ("shard_map",) + c for c in CONFIGS] + [
+        ("pmap", "loo", "jackknife"), ("pmap", "symmetric", "paper")])
 def test_adam_named_axis_equals_stacked(mapping, scheme, estimator):
   grads = _grads(8)
   make = lambda axis: bcopt.scale_by_adam_bc(
@@ -65,7 +70,7 @@ def test_one_microbatch_per_member(mapping):
   chex.assert_trees_all_close(u, u_ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mapping", MAPPINGS)
+@pytest.mark.parametrize("mapping", CURRENT_MAPPINGS)
 def test_companions_named_axis(mapping):
   grads = _grads(8, seed=2)
   grads["b"] = grads["b"].at[5, 0].set(jnp.nan)
