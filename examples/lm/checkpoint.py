@@ -98,9 +98,9 @@ def _with_sharding(abstract, sharding: jax.sharding.Sharding):
       abstract)
 
 
-def check_same_model(run_dir: pathlib.Path, model_cfg: model_lib.Config,
-                     what: str) -> None:
-  """Compares ``model_cfg`` with the model in ``run_dir/config.json``.
+def _check_same_model(run_dir: pathlib.Path,
+                      model_cfg: model_lib.Config) -> None:
+  """--init-from: ``model_cfg`` against the model in ``run_dir/config.json``.
 
   Raises:
     ValueError: naming each field that differs, e.g. ``d_ff (64 there, 96
@@ -114,7 +114,7 @@ def check_same_model(run_dir: pathlib.Path, model_cfg: model_lib.Config,
   diffs = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
   if diffs:
     raise ValueError(
-        f"{what} {run_dir}: its model differs in "
+        f"--init-from {run_dir}: its model differs in "
         + ", ".join(f"{k} ({old.get(k)} there, {new.get(k)} here)"
                     for k in diffs) + "; use the same --preset/--model")
 
@@ -144,23 +144,46 @@ def load_params(run_dir: pathlib.Path | str, model_cfg: model_lib.Config,
   if not (src / "checkpoints").is_dir():
     raise FileNotFoundError(f"--init-from {src}: no checkpoints/ folder; "
                             "give the --out of an earlier run")
-  check_same_model(src, model_cfg, "--init-from")
+  _check_same_model(src, model_cfg)
   target = {"params": _with_sharding(
       nnx.to_pure_dict(model_lib.abstract_params(model_cfg)), sharding)}
-  with contextlib.closing(manager(src)) as mngr:
+  with contextlib.closing(ocp.CheckpointManager(
+      (src / "checkpoints").absolute(),
+      item_handlers=ocp.PyTreeCheckpointHandler())) as mngr:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f"--init-from {src}: no checkpoints in "
                               f"{src / 'checkpoints'}")
-    try:
-      restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
-          item=target,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True))
-    except (ValueError, KeyError) as e:
+    problems = _mismatches(target["params"],
+                           mngr.item_metadata(step).tree["params"])
+    if problems:
       raise ValueError(f"--init-from {src} (step {step}): parameters do not "
-                       f"match the model: {e}") from e
+                       "match the model: " + "; ".join(problems[:5]))
+    restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
   return restored["params"], step
+
+
+def _mismatches(abstract, saved) -> list[str]:
+  """How saved parameter metadata differ from the abstract parameters."""
+  def str_keys(tree):   # orbax stores dict keys as strings (layer 0 -> "0")
+    if not isinstance(tree, dict):
+      return tree
+    return {str(k): str_keys(v) for k, v in tree.items()}
+
+  def compare(path, want, got):
+    if (tuple(got.shape), got.dtype) == (want.shape, want.dtype):
+      return []
+    return [f"{jax.tree_util.keystr(path)} is {got.dtype}{list(got.shape)} "
+            f"there, {want.dtype}{list(want.shape)} here"]
+
+  try:
+    return jax.tree.leaves(jax.tree.map_with_path(compare, str_keys(abstract),
+                                                  saved))
+  except ValueError as e:   # other parameter names
+    return [str(e)]
 
 
 def restore_run(run_dir: pathlib.Path | str

