@@ -4,7 +4,8 @@ A checkpoint is one item, ``{"params", "opt_state", "step", "wall_s"}``
 (the train state of ``train.py`` plus the run's wall time so far), saved with
 ``ocp.args.StandardSave`` under ``RUN/checkpoints/STEP``; the last three are
 kept. ``prepare`` checks a run folder and writes its ``config.json``;
-``restore`` continues a run (``--resume``) against its own state;
+``start`` makes a run's first state (new, ``--init-from`` or ``--resume``);
+``restore`` continues a run against its own state;
 ``load_params`` (``--init-from``) restores only the ``params`` of another
 run's latest checkpoint, against the abstract parameters of this run's
 model; ``restore_run`` reads any run's latest checkpoint back with the
@@ -90,6 +91,42 @@ def restore(mngr: ocp.CheckpointManager, like: dict) -> dict:
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   return mngr.restore(mngr.latest_step(),
                       args=ocp.args.StandardRestore(abstract))
+
+
+def start(cfg: config_lib.Config, mngr: ocp.CheckpointManager,
+          model_cfg: model_lib.Config, *, init, restart,
+          sharding: jax.sharding.Sharding) -> tuple[dict, float, dict | None]:
+  """A run's first state: new, from ``--init-from``, or resumed.
+
+  Args:
+    cfg: the run's settings.
+    mngr: ``manager(cfg.out)``.
+    model_cfg: the run's model.
+    init: ``key -> state``, a new state (``train.Program.init``).
+    restart: ``params -> state`` at step 0 (``train.Program.restart``).
+    sharding: where the state lives.
+
+  Returns:
+    ``(state, wall_s, init_from)``: the train state, the wall seconds of
+    the run so far and the summary's ``init_from`` (``{"dir", "step"}``;
+    step None when resumed; None without ``--init-from``).
+  """
+  resuming = cfg.resume and mngr.latest_step() is not None
+  if cfg.init_from is not None and not resuming:
+    params, step = load_params(cfg.init_from, model_cfg, sharding)
+    print(f"initialised from the parameters of step {step} in "
+          f"{cfg.init_from}")
+    return restart(params), 0.0, {"dir": cfg.init_from, "step": step}
+  init_from = None if cfg.init_from is None else {"dir": cfg.init_from,
+                                                  "step": None}
+  state = init(jax.random.key(cfg.seed))
+  if not resuming:
+    return state, 0.0, init_from
+  state = restore(mngr, {**state, "wall_s": jax.device_put(np.float32(0.0),
+                                                            sharding)})
+  print(f"resumed from step {int(state['step'])} in "
+        f"{pathlib.Path(cfg.out) / 'checkpoints'}")
+  return state, float(state.pop("wall_s")), init_from
 
 
 def _with_sharding(abstract, sharding: jax.sharding.Sharding):

@@ -17,13 +17,14 @@ up to float rounding. Evaluation is jitted with the batch sharded the same way.
 
 Outputs in ``--out``: ``metrics.jsonl`` (a JSON object per step, with the
 held-out losses of the parameters and of each ``--average`` at evaluations),
-``summary.json``, ``loss.png`` (plot.py), ``config.json`` and
-``checkpoints/`` (checkpoint.py, also ``--init-from``). Batches are a pure
-function of ``(seed, step)`` and the curvature keys of ``(seed, step,
-microbatch)``, so ``--resume`` reproduces the uninterrupted run exactly on
-CPU; ``--stop-at N`` ends after step N with a checkpoint, as a preemption
-would, and so does Ctrl-C. A NaN or infinite loss raises
-``FloatingPointError`` and keeps the last good checkpoint.
+``summary.json`` (``final_val_*``: validation plays, ``final_eval_*``: test
+plays), ``loss.png`` (plot.py), ``config.json`` and ``checkpoints/``
+(checkpoint.py, also ``--init-from``). Batches are a pure function of
+``(seed, step)`` and the curvature keys of ``(seed, step, microbatch)``, so
+``--resume`` reproduces the uninterrupted run exactly on CPU; ``--stop-at N``
+ends after step N with a checkpoint, as a preemption would, and so does
+Ctrl-C. A NaN or infinite loss raises ``FloatingPointError`` and keeps the
+last good checkpoint.
 
 API: ``main(argv) -> summary dict`` (None after ``--stop-at``);
 ``parse_args(argv) -> config.Config`` (parses, runs nothing);
@@ -209,28 +210,6 @@ def load_corpus(cfg: Config) -> data_lib.Corpus:
   return corpus
 
 
-def start_state(cfg: Config, prog: Program, model_cfg: model_lib.Config,
-                mngr) -> tuple[dict, float, dict | None]:
-  """``(state, wall seconds so far, init_from)``: new, --init-from or resumed."""
-  resuming = cfg.resume and mngr.latest_step() is not None
-  if cfg.init_from is not None and not resuming:
-    params, step = checkpoint_lib.load_params(cfg.init_from, model_cfg,
-                                              prog.replicated)
-    print(f"initialised from the parameters of step {step} in "
-          f"{cfg.init_from}")
-    return prog.restart(params), 0.0, {"dir": cfg.init_from, "step": step}
-  init_from = None if cfg.init_from is None else {"dir": cfg.init_from,
-                                                  "step": None}
-  state = prog.init(jax.random.key(cfg.seed))
-  if not resuming:
-    return state, 0.0, init_from
-  state = checkpoint_lib.restore(mngr, {**state, "wall_s": jax.device_put(
-      np.float32(0.0), prog.replicated)})
-  print(f"resumed from step {int(state['step'])} in "
-        f"{pathlib.Path(cfg.out) / 'checkpoints'}")
-  return state, float(state.pop("wall_s")), init_from
-
-
 def eval_losses(cfg: Config, prog: Program, state: dict, eval_sets: dict,
                 splits) -> dict:
   """``{split}_loss`` (and ``{split}_loss_{average}``) of each split."""
@@ -346,25 +325,15 @@ def train_loop(cfg: Config, prog: Program, corpus: data_lib.Corpus,
   return state, records, wall()
 
 
-def summarize(cfg: Config, argv: list[str], final: dict, **facts) -> dict:
-  """summary.json: ``final_val_*`` (validation plays), ``final_eval_*``
-  (test plays) from the ``final`` losses, then ``facts`` and the command."""
-  summary = {}
-  for split, name in (("val", "val"), ("test", "eval")):
-    for k, v in sorted(final.items()):
-      if k.startswith(f"{split}_"):
-        summary[f"final_{name}_{k[len(split) + 1:]}"] = v
-  return summary | facts | {"command": " ".join(
-      ["python -m examples.lm.train"] + [shlex.quote(a) for a in argv])}
-
-
 def run(cfg: Config, argv: list[str], corpus: data_lib.Corpus,
         model_cfg: model_lib.Config, mngr) -> dict | None:
   """Trains with checkpoints in ``mngr``; the summary (None if stopped)."""
   run_config = config_lib.run_config(cfg, model_cfg)
   checkpoint_lib.prepare(cfg.out, run_config, mngr, resume=cfg.resume)
   prog = build(cfg, model_cfg)
-  state, wall0, init_from = start_state(cfg, prog, model_cfg, mngr)
+  state, wall0, init_from = checkpoint_lib.start(
+      cfg, mngr, model_cfg, init=prog.init, restart=prog.restart,
+      sharding=prog.replicated)
   num_params = model_lib.count_params(state["params"])
   eval_sets = {split: place(prog, data_lib.eval_batches(
       getattr(corpus, split), num_batches=cfg.eval_batches,
@@ -381,11 +350,17 @@ def run(cfg: Config, argv: list[str], corpus: data_lib.Corpus,
            if k.startswith(("val_loss", "test_loss"))}
   if not cfg.eval_test:
     final |= eval_losses(cfg, prog, state, eval_sets, ("test",))
-  summary = summarize(
-      cfg, argv, final, params=num_params,
-      tokens=cfg.steps * cfg.microbatches * cfg.microbatch_size * cfg.seq_len,
-      wall_s=round(wall_s, 3), data=corpus.source, init_from=init_from,
-      config=run_config)
+  summary = {f"final_{name}_{k[len(split) + 1:]}": v   # eval: the test plays
+             for split, name in (("val", "val"), ("test", "eval"))
+             for k, v in sorted(final.items()) if k.startswith(f"{split}_")}
+  summary |= {
+      "params": num_params,
+      "tokens": cfg.steps * cfg.microbatches * cfg.microbatch_size
+                * cfg.seq_len,
+      "wall_s": round(wall_s, 3), "data": corpus.source,
+      "init_from": init_from, "config": run_config,
+      "command": " ".join(["python -m examples.lm.train"]
+                          + [shlex.quote(a) for a in argv])}
   if jax.process_index() == 0:
     (pathlib.Path(cfg.out) / "summary.json").write_text(
         json.dumps(summary, indent=1) + "\n")
