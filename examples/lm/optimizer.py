@@ -61,8 +61,8 @@ def mean_gradient(factory: Callable[..., optax.GradientTransformation]
   def make(learning_rate, *, weight_decay, mask, axis_name=None, **kwargs):
     to_mean = optax.stateless(
         lambda grads, params: bcopt.microbatch_mean(grads, axis_name))
-    return optax.chain(to_mean, factory(learning_rate, weight_decay=weight_decay,
-                                        mask=mask, **kwargs))
+    return optax.chain(to_mean, factory(
+        learning_rate, weight_decay=weight_decay, mask=mask, **kwargs))
   return make
 
 

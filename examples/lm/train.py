@@ -126,7 +126,7 @@ class Program(NamedTuple):
   tx: optax.GradientTransformation   # optimizer.make(cfg, axis_name)
   init: Callable         # key -> state {"params", "opt_state", "step"}
   restart: Callable      # params -> that state at step 0 (--init-from)
-  train_steps: dict      # {refresh: (state, windows_MxBxT1, key) -> (state, loss)}
+  train_steps: dict      # {refresh: (state, windows, key) -> (state, loss)}
   eval_step: Callable    # (params, windows_NxMxBxT1) -> mean loss
 
 

@@ -189,8 +189,9 @@ def test_bad_settings_fail_before_compiling(tiny, tmp_path, monkeypatch,
 
 
 def test_a_switch_the_optimizer_lacks_is_refused(monkeypatch):
-  monkeypatch.setitem(optimizer_lib.OPTIMIZERS, "adamw", optimizer_lib.Optimizer(
-      optimizer_lib.mean_gradient(optax.adamw), {}))
+  no_switches = optimizer_lib.Optimizer(
+      optimizer_lib.mean_gradient(optax.adamw), {})
+  monkeypatch.setitem(optimizer_lib.OPTIMIZERS, "adamw", no_switches)
   cfg = dataclasses.replace(config_lib.Config(), optimizer="adamw",
                             inverse_correction="none")
   with pytest.raises(ValueError, match="--inverse-correction: --optimizer "

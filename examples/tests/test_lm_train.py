@@ -123,7 +123,7 @@ def test_every_optimizer_lowers_the_loss(inputs, programs, optimizer):
     if curvature:   # the curvature EMA moves on refresh steps only
       moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), h_before,
                            sophia_h(state["opt_state"]))
-      assert all(jax.tree.leaves(moved)) == refresh, step
+      assert set(jax.tree.leaves(moved)) == {refresh}, step
   assert int(state["step"]) == STEPS and all(map(math.isfinite, losses))
   assert losses[0] > math.log(256) - 0.3              # starts near uniform
   assert np.mean(losses[-2:]) < losses[0] - 1.0
@@ -180,7 +180,8 @@ def test_sophia_steps_on_devices_match_one_device(inputs, programs):
   many = build_once(dataclasses.replace(cfg, optimizer="sophia_bc",
                                        devices=4), model_cfg)
   assert many.mesh.shape == {"data": 4}
-  state_one, state_many = one.restart(fresh(params)), many.restart(fresh(params))
+  state_one = one.restart(fresh(params))
+  state_many = many.restart(fresh(params))
   for step, refresh in ((1, True), (2, False), (3, False), (4, True)):
     state_one, loss_one = one.train_steps[refresh](state_one, windows[step],
                                                    KEY)
@@ -335,7 +336,8 @@ def test_stop_and_resume_reproduce_the_uninterrupted_run(runs, tiny,
                                                          tmp_path):
   full_out, full = runs("averaged")
   args = tiny.flags(tmp_path, "adamw_bc", *AVERAGES)
-  assert train.main(args + ["--stop-at", "3", "--checkpoint-every", "0"]) is None
+  stopped = train.main(args + ["--stop-at", "3", "--checkpoint-every", "0"])
+  assert stopped is None
   assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
   resumed = train.main(args + ["--resume"])
   assert without_wall_time(metrics(tmp_path)) == without_wall_time(
@@ -372,7 +374,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
 @pytest.mark.usefixtures("shared_builds")
 def test_init_from_loads_the_parameters_with_a_fresh_optimizer(
     runs, tiny, tmp_path):
-  src, done = runs("plain")
+  src, done = runs("averaged")
   # Learning rate 0: the parameters stay the loaded ones, so the held-out
   # losses are the source run's final ones, and BEMA (snapshot and EMA made
   # from the loaded parameters) equals them too.
@@ -390,13 +392,13 @@ def test_init_from_loads_the_parameters_with_a_fresh_optimizer(
 @pytest.mark.usefixtures("shared_builds")
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(
     runs, tiny, tmp_path, monkeypatch):
-  """SIGINT during step 3 ends the run after that step with a checkpoint."""
-  full_out, full = runs("plain")
-  args = tiny.flags(tmp_path, "adamw_bc", "--checkpoint-every", "0")
+  """SIGINT during step 5 ends the run after that step with a checkpoint."""
+  full_out, full = runs("averaged")
+  args = tiny.flags(tmp_path, "adamw_bc", *AVERAGES, "--checkpoint-every", "0")
   real_batch = data_lib.train_batch
 
   def batch_then_interrupt(*a, **kw):
-    if kw["step"] == 3:
+    if kw["step"] == 5:
       signal.raise_signal(signal.SIGINT)     # as if Ctrl-C were pressed now
     return real_batch(*a, **kw)
 
@@ -404,8 +406,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(
     m.setattr(data_lib, "train_batch", batch_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
       train.main(args)
-  assert latest_step(tmp_path) == 3
-  assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
+  assert latest_step(tmp_path) == 5
+  assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   resumed = train.main(args + ["--resume"])
   assert without_wall_time(metrics(tmp_path)) == without_wall_time(
