@@ -144,8 +144,11 @@ def build(cfg: Config, model_cfg: model_lib.Config) -> Program:
                          devices=jax.devices()[:cfg.devices])
     axis_name, replicated = AXIS, jax.NamedSharding(mesh, jax.P())
   tx = optimizer_lib.make(cfg, axis_name)
+  # --fast-compile: less LLVM optimisation and XLA CPU's simpler (legacy)
+  # fusion emitters; a one-layer model's steps compile about 2x faster.
   options = ({"xla_backend_optimization_level": 0,
-              "xla_llvm_disable_expensive_passes": True}
+              "xla_llvm_disable_expensive_passes": True,
+              "xla_cpu_use_fusion_emitters": False}
              if cfg.fast_compile else None)
 
   def restart(params):
