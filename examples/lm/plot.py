@@ -1,4 +1,4 @@
-"""The loss curves of a run, ``RUN_DIR/loss.png``, from its metrics.
+"""The loss curves of a run (RUN_DIR/loss.png) from its metrics.
 
     python -m examples.lm.plot RUN_DIR
 

@@ -81,6 +81,20 @@ def train_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
   Under ``shard_map`` (``axis_name`` set) each device holds its M / D
   microbatches, and the Sophia labels of global microbatch ``j`` are drawn
   with ``fold_in(fold_in(key, step), j)`` on every device count.
+
+  Args:
+    state: ``{"params", "opt_state", "step"}`` (``step``: int32 steps done).
+    windows_MxBxT1: int32 token windows (this device's microbatches).
+    key: the run's PRNG key.
+    tx: ``optimizer.make(cfg, axis_name)``.
+    model_cfg: the model.
+    axis_name: the mesh axis of the microbatches, or None on one device.
+    refresh: a Sophia curvature-refresh step (GNB curvature is computed and
+      passed to ``tx`` as ``curvature``).
+
+  Returns:
+    ``(state, loss)``: the state after the step and the mean training loss
+    of the batch before it.
   """
   logits_fn, loss_fn = model_lib.make_loss_fns(model_cfg)
   step, params = state["step"] + 1, state["params"]
@@ -110,7 +124,16 @@ def train_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
 
 def eval_step(params, windows_NxMxBxT1: jax.Array, *,
               model_cfg: model_lib.Config) -> jax.Array:
-  """Mean loss over N batches of M microbatches (one batch at a time)."""
+  """Mean loss of ``params`` over N batches of M microbatches.
+
+  Args:
+    params: a parameter dict.
+    windows_NxMxBxT1: int32 token windows, evaluated one batch at a time.
+    model_cfg: the model.
+
+  Returns:
+    The mean next-token cross-entropy (a float32 scalar).
+  """
   _, loss_fn = model_lib.make_loss_fns(model_cfg)
   loss_N = jax.lax.map(
       lambda w: jax.vmap(loss_fn, in_axes=(None, 0))(params, w).mean(),
@@ -133,8 +156,13 @@ class Program(NamedTuple):
 def build(cfg: Config, model_cfg: model_lib.Config) -> Program:
   """Mesh, optimizer and jitted steps (each compiles on its first call).
 
-  Reads no field of ``cfg`` in ``config.NOT_COMPILED``. The train steps
-  donate the state; their ``key`` is the run's, ``jax.random.key(seed)``.
+  Args:
+    cfg: the settings; no field in ``config.NOT_COMPILED`` is read.
+    model_cfg: the model (``config.model_config(cfg, vocab_size)``).
+
+  Returns:
+    A ``Program``: the train steps (state donated; their ``key`` is the
+    run's, ``jax.random.key(seed)``), the eval step, ``init``/``restart``.
   """
   mesh, axis_name = None, None
   replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
