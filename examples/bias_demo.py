@@ -412,8 +412,8 @@ def plot(results: list[dict], path: pathlib.Path, breakdown_m: int) -> None:
   plt.close(fig)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
-  """Parses flags, runs :func:`measure`, prints and saves the results."""
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  """Parses and checks the flags (argparse exits on a bad one); runs nothing."""
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n", 1)[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -442,6 +442,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                            for m in args.microbatches):
     parser.error("--draws must be at least 2 and every M must divide the"
                  " largest.")
+  return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+  """Parses flags, runs :func:`measure`, prints and saves the results."""
+  args = parse_args(argv)
 
   problem = Problem(step=args.step, kappa=args.kappa)
   microbatches = sorted(set((4, 16) if args.quick else args.microbatches))

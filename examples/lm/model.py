@@ -3,7 +3,9 @@
 RMSNorm pre-norm, rotary position embeddings (RoPE, "rotate half" layout as in
 Qwen2/Llama), grouped-query attention with bias on the q/k/v projections and
 none on the output projection, a SwiGLU MLP and tied input/output embeddings.
-``Config`` holds the shapes; ``PRESETS`` names a few of them. With
+``Config`` holds the shapes; ``PRESETS`` names a few of them;
+``make_loss_fns`` gives the logits and the next-token loss as pure functions
+of a parameter dict (for ``jax.vmap``/``jax.grad`` over microbatches). With
 ``PRESETS["qwen2.5-0.5b"]`` and ``vocab_size=151936`` the parameter count is
 Qwen2.5-0.5B's, 494,032,768.
 
@@ -17,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 
@@ -170,3 +173,25 @@ def abstract_params(cfg: Config):
   """The parameter tree as ShapeDtypeStructs, without allocating it."""
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   return nnx.state(model, nnx.Param)
+
+
+def make_loss_fns(cfg: Config):
+  """``(logits_fn, loss_fn)`` of the model, pure in a parameter dict.
+
+  The parameter dict is ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``.
+  ``logits_fn(params, tokens_BxT) -> logits_BxTxV``; ``loss_fn(params,
+  windows_BxT1)`` is the mean next-token cross-entropy of windows of
+  ``T + 1`` tokens (inputs ``[:, :-1]``, targets ``[:, 1:]``).
+  """
+  graphdef = nnx.graphdef(nnx.eval_shape(
+      lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+  def logits_fn(params, tokens_BxT: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params)(tokens_BxT)
+
+  def loss_fn(params, windows_BxT1: jax.Array) -> jax.Array:
+    logits_BxTxV = logits_fn(params, windows_BxT1[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxTxV, windows_BxT1[:, 1:]).mean()
+
+  return logits_fn, loss_fn

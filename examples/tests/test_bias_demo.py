@@ -161,3 +161,14 @@ def test_main_writes_png_and_json(tmp_path, capsys):
   assert all(np.isfinite(r["total"]) for r in saved["results"])
   printed = capsys.readouterr().out
   assert "Relative bias" in printed and "loo" in printed
+
+
+def test_parse_args_checks_the_flags_and_runs_nothing(tmp_path, capsys):
+  args = bias_demo.parse_args(["--quick", "--out", str(tmp_path / "x")])
+  assert args.quick and args.draws == 8192 and args.step == 3
+  assert args.microbatches == [4, 8, 16, 32]
+  assert not (tmp_path / "x").exists()
+  for bad in (["--step", "1"], ["--microbatches", "4", "6"], ["--draws", "1"]):
+    with pytest.raises(SystemExit):
+      bias_demo.parse_args(bad)
+    assert "must" in capsys.readouterr().err

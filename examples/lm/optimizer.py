@@ -1,0 +1,184 @@
+"""The optimizers of the example: one table and the chain built from it.
+
+``OPTIMIZERS`` maps each ``--optimizer`` name to an ``Optimizer``: a factory
+called as ``factory(learning_rate, weight_decay=..., mask=...,
+axis_name=..., **kwargs)`` that returns a transform of microbatched
+gradients, its keyword arguments, and whether it takes Sophia's curvature.
+The ``_bc`` entries use the reference settings of SPEC sections 3-5 (with
+each family's headline scheme); the plain entries are the same transforms
+with the bias corrections off. ``--cross-fit``/``--inverse-correction``
+override those two keyword arguments of any entry that has them.
+
+An optax optimizer that takes mean gradients joins the table through
+``mean_gradient``, which feeds it the microbatch mean (across devices too);
+one more entry in the table below is all it takes (the flag's choices are
+the table's names), e.g.::
+
+    "lion": Optimizer(mean_gradient(optax.lion), dict(b1=0.9, b2=0.99)),
+
+``make(cfg, axis_name)`` chains ``bcopt.clip_by_global_norm``, the
+optimizer and the ``--average`` transforms (``bcopt.ema``/``bcopt.bema``,
+in that order, last so they see the parameters after each update);
+``averaged_params(cfg, opt_state)`` reads the averages back out.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import bcopt
+
+if TYPE_CHECKING:
+  from examples.lm.config import Config
+
+
+class Optimizer(NamedTuple):
+  """One ``--optimizer`` choice."""
+
+  factory: Callable[..., optax.GradientTransformation]   # see module doc
+  kwargs: dict[str, Any]   # passed to the factory (overridable switches)
+  curvature: bool = False  # takes ``curvature=`` (GNB) on refresh steps
+
+
+def mean_gradient(factory: Callable[..., optax.GradientTransformation]
+                  ) -> Callable[..., optax.GradientTransformation]:
+  """A table factory for an optax optimizer that takes mean gradients.
+
+  Args:
+    factory: called as ``factory(learning_rate, weight_decay=..., mask=...,
+      **kwargs)``, as ``optax.adamw`` or ``optax.lion`` are (wrap others in
+      a function with these arguments).
+
+  Returns:
+    A factory with the table's arguments whose transform averages the
+    microbatched gradients (``bcopt.microbatch_mean``, over ``axis_name``
+    too) before ``factory``'s transform.
+  """
+  def make(learning_rate, *, weight_decay, mask, axis_name=None, **kwargs):
+    to_mean = optax.stateless(
+        lambda grads, params: bcopt.microbatch_mean(grads, axis_name))
+    return optax.chain(to_mean, factory(
+        learning_rate, weight_decay=weight_decay, mask=mask, **kwargs))
+  return make
+
+
+OPTIMIZERS: dict[str, Optimizer] = {
+    "adamw": Optimizer(bcopt.adamw_bc, dict(
+        b1=0.9, b2=0.95, eps=1e-8, cross_fit=None, inverse_correction=None)),
+    "adamw_bc": Optimizer(bcopt.adamw_bc, dict(
+        b1=0.9, b2=0.95, eps=1e-8, cross_fit="loo",
+        inverse_correction="jackknife")),
+    "sophia": Optimizer(bcopt.sophia_bc, dict(
+        b1=0.965, b2=0.99, rho=0.05, eps=1e-12, clip=1.0, cross_fit=None,
+        inverse_correction=None), curvature=True),
+    "sophia_bc": Optimizer(bcopt.sophia_bc, dict(
+        b1=0.965, b2=0.99, rho=0.05, eps=1e-12, clip=1.0,
+        cross_fit="twofold", inverse_correction="jackknife"), curvature=True),
+    # Grafted to Adam's per-tile norm, so Shampoo shares AdamW's learning rate.
+    "shampoo": Optimizer(bcopt.shampoo_bc, dict(
+        b1=0.9, b2=0.95, damping=1e-6, precondition_every=10, graft="adam",
+        cross_fit=None, inverse_correction=None)),
+    "shampoo_bc": Optimizer(bcopt.shampoo_bc, dict(
+        b1=0.9, b2=0.95, damping=1e-6, precondition_every=10, graft="adam",
+        cross_fit="twofold", inverse_correction="jackknife")),
+}
+AVERAGES = ("ema", "bema")   # --average: "none" or a comma-separated list
+# Index of the first averaging state in make's chain state (clip, optimizer,
+# then the averages in AVERAGES order).
+AVERAGE_INDEX = 2
+SWITCHES = ("cross_fit", "inverse_correction")   # overridable by their flags
+
+
+def optimizer_kwargs(cfg: Config) -> dict[str, Any]:
+  """The table's keyword arguments with the --cross-fit etc. overrides."""
+  kwargs = dict(OPTIMIZERS[cfg.optimizer].kwargs)
+  for name in SWITCHES:
+    value = getattr(cfg, name)
+    if value is not None:
+      kwargs[name] = None if value == "none" else value
+  return kwargs
+
+
+def takes_curvature(cfg: Config) -> bool:
+  """Whether the optimizer refreshes GNB curvature (Sophia)."""
+  return OPTIMIZERS[cfg.optimizer].curvature
+
+
+def learning_rate(cfg: Config) -> optax.Schedule:
+  """Linear warm-up from 0, then cosine decay to ``lr * lr_floor`` or flat."""
+  warmup = min(cfg.warmup, cfg.steps)
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1),
+        end_value=cfg.lr * cfg.lr_floor)
+  if warmup == 0:
+    return optax.constant_schedule(cfg.lr)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.lr, warmup),
+       optax.constant_schedule(cfg.lr)], [warmup])
+
+
+def decay_mask(params):
+  """Weight decay on matrices only (not on biases, norms' scales)."""
+  return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def averager(cfg: Config, name: str) -> optax.GradientTransformation:
+  """``bcopt.ema`` or ``bcopt.bema`` with the --average-* hyperparameters."""
+  kwargs = dict(ema_power=cfg.average_ema_power, lag=cfg.average_lag,
+                burn_in=cfg.average_burn_in, update_every=cfg.average_every)
+  if name == "bema":
+    kwargs["bias_power"] = cfg.average_bias_power
+  return getattr(bcopt, name)(**kwargs)
+
+
+def make(cfg: Config, axis_name: str | None = None
+         ) -> optax.GradientTransformation:
+  """clip -> optimizer (-> averages), all on microbatched gradients."""
+  entry = OPTIMIZERS[cfg.optimizer]
+  parts = [bcopt.clip_by_global_norm(cfg.clip_norm, axis_name=axis_name),
+           entry.factory(learning_rate(cfg), weight_decay=cfg.weight_decay,
+                         mask=decay_mask, axis_name=axis_name,
+                         **optimizer_kwargs(cfg))]
+  parts += [averager(cfg, name) for name in cfg.averages]
+  return optax.chain(*parts)
+
+
+def averaged_params(cfg: Config, opt_state) -> dict[str, Any]:
+  """``{average name: its parameters}`` held by a ``make(cfg)`` state."""
+  return {name: bcopt.bema_params(opt_state[AVERAGE_INDEX + k])
+          for k, name in enumerate(cfg.averages)}
+
+
+def validate(cfg: Config) -> None:
+  """The optimizer's own rules, checked abstractly (nothing compiles).
+
+  Raises:
+    ValueError: a switch override the optimizer does not have, --average-*
+      hyperparameters bcopt rejects, or a microbatch count the optimizer
+      cannot use.
+  """
+  for name in SWITCHES:
+    if getattr(cfg, name) is not None and (
+        name not in OPTIMIZERS[cfg.optimizer].kwargs):
+      raise ValueError(f"--{name.replace('_', '-')}: --optimizer "
+                       f"{cfg.optimizer} has no such switch")
+  for name in cfg.averages:
+    try:
+      averager(cfg, name)
+    except ValueError as e:
+      raise ValueError(f"--average {name}: {e}") from e
+  tx = make(cfg)   # traced on a one-leaf tree
+  params = {"w": jax.ShapeDtypeStruct((2, 2), jnp.float32)}
+  grads = {"w": jax.ShapeDtypeStruct((cfg.microbatches, 2, 2), jnp.float32)}
+  extra = {"curvature": grads} if takes_curvature(cfg) else {}
+  try:
+    jax.eval_shape(lambda g, p, e: tx.update(g, tx.init(p), p, **e),
+                   grads, params, extra)
+  except ValueError as e:
+    raise ValueError(f"--optimizer {cfg.optimizer} cannot use --microbatches "
+                     f"{cfg.microbatches}: {e}") from e
