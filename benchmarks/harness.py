@@ -9,6 +9,7 @@ tables (:func:`table`).
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -105,11 +106,13 @@ def finish(env: dict[str, Any]) -> dict[str, Any]:
 # Timing --------------------------------------------------------------------
 
 class Runner:
-  """A compiled ``fn(state, *args) -> (out, state)`` with its state fed back.
+  """A compiled ``fn(state, *args) -> (out, state)`` with its state fed back
+  (``-> (state, out)`` with ``state_first``, as the LM example's steps).
 
-  ``fn`` is compiled here (``compile_s``; a copy of ``state`` is donated
-  unless ``donate=False``), or is a ``jax.stages.Compiled`` already (one
-  program shared by runners with their own states). Each call runs
+  ``fn`` is compiled here (``compile_s``; jitted with a copy of ``state``
+  donated unless ``donate=False``, or as it is if already jitted: its own
+  donation and compiler options), or is a ``jax.stages.Compiled`` already
+  (one program shared by runners with their own states). Each call runs
   ``prepare(state)`` first (untimed, e.g. :func:`with_count`), times the
   compiled call to ``block_until_ready`` of its outputs in wall and process
   CPU seconds (all threads; on a shared machine the CPU time also excludes
@@ -118,14 +121,15 @@ class Runner:
 
   def __init__(self, fn: Callable, state: Any, *args: Any, donate=True,
                prepare: Optional[Callable] = None,
-               check: Optional[Callable] = None):
+               check: Optional[Callable] = None, state_first: bool = False):
     state = jax.tree.map(jnp.copy, state) if donate else state
     t0 = time.perf_counter()
-    self.compiled = fn if isinstance(fn, jax.stages.Compiled) else jax.jit(
-        fn, donate_argnums=0 if donate else ()).lower(state, *args).compile()
-    self.compile_s = time.perf_counter() - t0
+    if not isinstance(fn, jax.stages.Compiled):
+      fn = (fn if isinstance(fn, jax.stages.Wrapped) else jax.jit(
+          fn, donate_argnums=0 if donate else ())).lower(state, *args).compile()
+    self.compiled, self.compile_s = fn, time.perf_counter() - t0
     self.state, self.args = state, args
-    self.prepare, self.check = prepare, check
+    self.prepare, self.check, self.state_first = prepare, check, state_first
     self.wall: list[float] = []
     self.cpu: list[float] = []
 
@@ -134,6 +138,8 @@ class Runner:
     jax.block_until_ready(state)
     c0, w0 = time.process_time(), time.perf_counter()
     out, self.state = self.compiled(state, *self.args)
+    if self.state_first:
+      out, self.state = self.state, out
     jax.block_until_ready((out, self.state))
     w1, c1 = time.perf_counter(), time.process_time()
     if record:
@@ -216,10 +222,12 @@ def nbytes(tree: Any) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def with_count(state: Any, count: int) -> Any:
-  """``state`` with the ``count`` of every state in it that has one set
-  (optax's convention: the next update is step ``count + 1``)."""
-  has_count = lambda s: "count" in getattr(s, "_fields", ())
+def with_count(state: Any, count: int, of: Optional[type] = None) -> Any:
+  """``state`` with the ``count`` of every state in it that has one (or of
+  every ``of`` state) set (optax's convention: the next update is step
+  ``count + 1``)."""
+  has_count = lambda s: ("count" in getattr(s, "_fields", ())
+                         and (of is None or isinstance(s, of)))
   return jax.tree.map(
       lambda s: s._replace(count=jnp.full_like(s.count, count))
       if has_count(s) else s, state, is_leaf=has_count)
@@ -270,9 +278,22 @@ def write_section(name: str, body: str, path: pathlib.Path = RESULTS_MD
   _write_atomic(path, replace_section(text, name, body))
 
 
-def command(module: str, argv: Sequence[str]) -> str:
-  """``python -m MODULE ARGV``, quoted for a POSIX shell."""
-  return shlex.join(["python", "-m", module, *argv])
+def parser(module: str, doc: str) -> argparse.ArgumentParser:
+  """The flags' parser of ``python -m MODULE``, described by the first
+  paragraph of ``doc``."""
+  return argparse.ArgumentParser(
+      prog=f"python -m {module}", description=doc.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def command(module: str, argv: Optional[Sequence[str]] = None,
+            verbatim: Sequence[str] = ()) -> str:
+  """``python -m MODULE ARGV`` (default: this process's arguments), quoted
+  for a POSIX shell but for the words in ``verbatim`` (placeholders such as
+  ``{out}``)."""
+  return " ".join(["python", "-m", module] + [
+      a if a in verbatim else shlex.quote(a)
+      for a in (sys.argv[1:] if argv is None else argv)])
 
 
 def command_argv(cmd: str, module: str) -> list[str]:

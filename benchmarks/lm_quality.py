@@ -1,48 +1,32 @@
 r"""Does bias correction pay? A fairly tuned, seeded comparison on the LM example.
 
-Every run is ``examples/lm/train.py`` with the same model, data, steps and
-examples per step; only the optimizer arm, the learning rate and the seed
-change. For each family (``adamw``, ``sophia``, ``shampoo``):
+Every run trains the LM example (a subprocess, ``lm_runs``) with the same
+model, data and steps; only the optimizer arm, the learning rate and the
+seed change (docs/quality.md). Per family, the main arms ``std``
+(``--optimizer FAMILY``) and ``bc`` (``FAMILY_bc``) each get the rate that
+is best on the **validation** plays with seed 0, from a factor-2 grid
+extended past an edge holding the best value (at most ``MAX_EXTEND``
+times); then more seeds, the ablations ``cf`` (cross-fit only), ``inv``
+(inverse correction only) and ``paper`` (the reference code's variant) at
+the ``bc`` rate, and for AdamW ``std`` and ``bc`` on noisy data. Arms are
+compared on the **test** plays, paired by seed.
 
-* main arms ``std`` (``--optimizer FAMILY``: no cross-fit, no correction) and
-  ``bc`` (``--optimizer FAMILY_bc``: the family's SPEC defaults). Each gets
-  its own learning rate, chosen on the **validation** plays with seed 0 from
-  a grid of factor-2 steps; if the best value sits on an edge of the grid
-  the grid is extended past it (up to ``MAX_EXTEND`` times) so the chosen
-  rate is bracketed. Then seeds ``1 .. SEEDS-1`` at the chosen rate. The
-  comparison is on the **test** plays, paired by seed (a seed fixes the
-  initialisation and the batch order, the same for every arm);
-* ablation arms at the ``bc`` arm's learning rate, same seeds: ``cf``
-  (cross-fit only), ``inv`` (inverse correction only) and ``paper`` (the
-  reference code's variant: AdamW LOO, Sophia and Shampoo twofold, each with
-  the ``"paper"`` variance estimator);
-* for AdamW, the mixed-quality row: ``std`` vs ``bc`` with ``--noise 0.2`` at
-  the learning rates chosen on clean data.
-
-Results: ``benchmarks/results/lm_quality.json`` = ``{"runs": [...]}``, one
-record per run, written after every run; cells already there are skipped, so
-an interrupted grid continues where it stopped. A record's ``command``
-reproduces the run with its output folder as ``{out}``. The per-step
-training loss and the validation curve of every run go to
-``lm_quality_curves.json`` next to it. The report (the part of
-``benchmarks/RESULTS.md`` between the ``lm_quality`` markers, and
-``benchmarks/results/lm_quality.png``) is regenerated from whatever runs
-exist.
+Results: ``benchmarks/results/lm_quality.json``, one record per run, written
+after each (recorded cells are skipped and an interrupted run resumes, so a
+stopped grid continues); a record's ``command`` reruns it with its output
+folder as ``{out}``. Curves go to ``lm_quality_curves.json``; the report
+(RESULTS.md section, ``lm_quality.png``) is rebuilt from the records.
 
 Usage::
 
-  python benchmarks/lm_quality.py --quick          # adamw vs adamw_bc, seed 0, at
-                                                   # the rates the grid chose
-                                                   # (runs/lm_quality_quick.*)
-  python benchmarks/lm_quality.py                  # the whole grid (hours on CPU)
-  python benchmarks/lm_quality.py --families adamw # one family
-  python benchmarks/lm_quality.py --report-only    # RESULTS.md + PNG from the JSON
-  python benchmarks/lm_quality.py --verify 6       # re-run 6 records' commands,
-                                                   # compare their losses
+  python -m benchmarks.lm_quality --quick          # adamw vs adamw_bc, seed 0
+  python -m benchmarks.lm_quality                  # the grid (hours on CPU)
+  python -m benchmarks.lm_quality --families adamw # one family
+  python -m benchmarks.lm_quality --report-only    # RESULTS.md + PNG from JSON
+  python -m benchmarks.lm_quality --verify 6       # rerun 6 records, compare
 
-On an accelerator, keep everything and pass e.g. ``--preset small --devices
-N`` (and more ``--steps``); the records then carry those settings and only
-cells with the same settings are reused.
+On an accelerator add e.g. ``--preset small --devices N --steps 2000``;
+records carry their settings, and only matching cells are reused.
 """
 
 from __future__ import annotations
@@ -53,18 +37,15 @@ import json
 import math
 import os
 import pathlib
-import shlex
 import shutil
-import sys
 import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
-BEGIN, END = "<!-- lm_quality:begin -->", "<!-- lm_quality:end -->"
+from benchmarks import harness
+from benchmarks import lm_runs
 
+MODULE = "benchmarks.lm_quality"
 FAMILIES = ("adamw", "sophia", "shampoo")
 MAIN_ARMS = ("std", "bc")
 ABLATIONS = ("cf", "inv", "paper")
@@ -98,15 +79,10 @@ class Setting:
   devices: int = 1
 
   def flags(self) -> list[str]:
-    return ["--preset", self.preset, "--steps", str(self.steps),
-            "--microbatches", str(self.microbatches),
-            "--microbatch-size", str(self.microbatch_size),
-            "--seq-len", str(self.seq_len), "--warmup", str(self.warmup),
-            "--schedule", "cosine", "--lr-floor", "0.1",
-            "--eval-every", str(self.eval_every),
-            "--eval-batches", str(self.eval_batches),
-            "--devices", str(self.devices),
-            "--checkpoint-every", "0", "--progress", "off"]
+    d = dataclasses.asdict(self)   # the recorded commands' order of flags
+    return lm_runs.flags({**{k: d.pop(k) for k in list(d)[:6]},
+                          "schedule": "cosine", "lr_floor": 0.1, **d,
+                          "checkpoint_every": 0, "progress": "off"})
 
   def matches(self, record: dict) -> bool:
     return all(record.get(k) == getattr(self, k) for k in
@@ -116,46 +92,19 @@ class Setting:
 
 def arm_flags(family: str, arm: str) -> list[str]:
   """train.py flags selecting the optimizer of ``family`` x ``arm``."""
-  if family not in FAMILIES:
-    raise ValueError(f"family {family!r} not in {FAMILIES}")
-  if arm == "std":
-    return ["--optimizer", family]
-  flags = ["--optimizer", f"{family}_bc"]
-  if arm == "bc":
-    return flags
-  if arm == "cf":
-    return flags + ["--inverse-correction", "none"]
-  if arm == "inv":
-    return flags + ["--cross-fit", "none"]
-  if arm == "paper":
-    scheme = "loo" if family == "adamw" else "twofold"
-    return flags + ["--cross-fit", scheme, "--inverse-correction", "paper"]
-  raise ValueError(f"arm {arm!r} not in {MAIN_ARMS + ABLATIONS}")
-
-
-def git_state() -> dict:
-  """HEAD and the tracked files under bcopt/ and examples/ that differ from it
-  (other sessions may edit the checkout while a benchmark runs)."""
-  import subprocess
-  def git(*a):
-    try:
-      return subprocess.run(["git", *a], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-      return None
-  dirty = git("status", "--porcelain", "--untracked-files=no", "--",
-              "bcopt", "examples")
-  return {"commit": git("rev-parse", "HEAD"),
-          "modified": [line.split(maxsplit=1)[1]
-                       for line in (dirty or "").splitlines()]}
+  if family not in FAMILIES or arm not in MAIN_ARMS + ABLATIONS:
+    raise ValueError(f"{family!r} x {arm!r}: not in {FAMILIES} x "
+                     f"{MAIN_ARMS + ABLATIONS}")
+  switches = {"cf": {"inverse_correction": "none"},
+              "inv": {"cross_fit": "none"},
+              "paper": {"cross_fit": "loo" if family == "adamw" else "twofold",
+                        "inverse_correction": "paper"}}.get(arm, {})
+  return lm_runs.flags({"optimizer": family if arm == "std"
+                        else f"{family}_bc", **switches})
 
 
 def data_name(noise: float) -> str:
   return "shakespeare" if noise == 0 else f"shakespeare-noise{noise:g}"
-
-
-def round_lr(lr: float) -> float:
-  return float(f"{lr:.4g}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,42 +126,35 @@ class Cell:
 
   def command(self, setting: Setting) -> str:
     """The train.py command of this run, its output folder as ``{out}``."""
-    argv = (arm_flags(self.family, self.variant)
-            + ["--lr", f"{self.lr:g}", "--seed", str(self.seed)]
-            + (["--noise", f"{self.noise:g}"] if self.noise else [])
-            + setting.flags() + ["--out", "{out}"])
-    return "python -m examples.lm.train " + " ".join(
-        a if a == "{out}" else shlex.quote(a) for a in argv)
-
-  def matches(self, record: dict, setting: Setting) -> bool:
-    return (setting.matches(record) and record["data"] == self.data
-            and record["family"] == self.family
-            and record["variant"] == self.variant
-            and math.isclose(record["lr"], self.lr, rel_tol=1e-6)
-            and record["seed"] == self.seed)
+    return lm_runs.command(
+        arm_flags(self.family, self.variant)
+        + ["--lr", f"{self.lr:g}", "--seed", str(self.seed)]
+        + (["--noise", f"{self.noise:g}"] if self.noise else [])
+        + setting.flags() + ["--out", lm_runs.OUT])
 
 
-def command_argv(command: str, out: str) -> list[str]:
-  """The train.py argv of a record's command, with ``{out}`` filled in."""
-  words = shlex.split(command)
-  prefix = ["python", "-m", "examples.lm.train"]
-  if words[:3] != prefix:
-    raise ValueError(f"not a train.py command: {command!r}")
-  return [out if w == "{out}" else w for w in words[3:]]
+def cell_of(record: dict) -> Cell:
+  """The grid cell a record was made for."""
+  noise = 0.0 if record["data"] == data_name(0.0) else NOISE
+  if record["data"] != data_name(noise):
+    raise ValueError(f"unknown data {record['data']!r}")
+  return Cell(record["family"], record["variant"], record["lr"],
+              record["seed"], noise)
 
 
-# ----------------------------------------------------------------------------
-# Results files
+def select(runs: list[dict], setting: Setting, family: str, arm: str,
+           lr: float | None = None, seed: int | None = None,
+           data: str = "shakespeare") -> list[dict]:
+  """The records of ``family`` x ``arm`` on ``data`` (at ``lr``, ``seed``)."""
+  return [r for r in runs if setting.matches(r) and r["data"] == data
+          and r["family"] == family and r["variant"] == arm
+          and (lr is None or math.isclose(r["lr"], lr, rel_tol=1e-6))
+          and seed in (None, r["seed"])]
 
 
-
-
-def write_json(path: pathlib.Path, obj) -> None:
-  """Atomic write (a crash never leaves a truncated results file)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1) + "\n")
-  os.replace(tmp, path)
+def find(runs: list[dict], cell: Cell, setting: Setting) -> dict | None:
+  return next(iter(select(runs, setting, cell.family, cell.variant, cell.lr,
+                          cell.seed, cell.data)), None)
 
 
 def load_file(path: pathlib.Path) -> dict:
@@ -227,7 +169,7 @@ def load_runs(path: pathlib.Path) -> list[dict]:
 def append_run(path: pathlib.Path, record: dict) -> None:
   data = load_file(path)     # re-read: never drop what is on disk
   data["runs"].append(record)
-  write_json(path, data)
+  harness.write_json(path, data)
 
 
 def supersede(path: pathlib.Path, record: dict, reason: str) -> None:
@@ -236,100 +178,71 @@ def supersede(path: pathlib.Path, record: dict, reason: str) -> None:
   data = load_file(path)
   data["runs"] = [r for r in data["runs"] if r != record]
   data.setdefault("superseded", []).append({**record, "superseded": reason})
-  write_json(path, data)
-
-
-def find(runs: list[dict], cell: Cell, setting: Setting) -> dict | None:
-  for r in runs:
-    if cell.matches(r, setting):
-      return r
-  return None
+  harness.write_json(path, data)
 
 
 def curves_path(results: pathlib.Path) -> pathlib.Path:
   return results.with_name(results.stem + "_curves.json")
 
 
-# ----------------------------------------------------------------------------
-# Running cells
+def save_curve(path: pathlib.Path, name: str, out: pathlib.Path) -> None:
+  """Adds a run's training-loss and validation curves to ``path``."""
+  records = lm_runs.metrics(out)
+  curves = json.loads(path.read_text()) if path.exists() else {}
+  curves[name] = {
+      "step": [r["step"] for r in records],
+      "train_loss": [round(r["train_loss"], 4) for r in records],
+      "val": [[r["step"], round(r["val_loss"], 5)] for r in records
+              if "val_loss" in r]}
+  if records:
+    harness.write_json(path, curves)
 
 
 def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
-             runs_dir: pathlib.Path, runner=None, code: dict | None = None
-             ) -> dict:
+             runs_dir: pathlib.Path, runner=None) -> dict:
   """Runs one cell unless the results file has it; returns its record.
 
-  ``runner(argv) -> summary dict`` defaults to ``train.main`` in this process
-  (programs compiled for one seed are reused for the next). ``code`` (the
-  git state of the code the runner imported) goes into the record.
+  ``runner(argv) -> summary`` trains (default: a subprocess; see
+  ``lm_runs.run``, which also gives the record's ``code``).
   """
   existing = find(load_runs(results), cell, setting)
   if existing is not None:
     return existing
-  if runner is None:
-    from examples.lm import train
-    runner = train.main
-  out = runs_dir / cell.name
-  if out.exists():          # a run interrupted before its record was written
-    shutil.rmtree(out)
-  command = cell.command(setting)
-  load = os.getloadavg()
-  cpu0, wall0 = time.process_time(), time.time()
-  print(f"[lm_quality] {cell.name} (load {load[0]:.1f})", flush=True)
-  status = "ok"
-  try:
-    summary = runner(command_argv(command, str(out)))
-  except FloatingPointError as e:     # diverged: the worst possible outcome
-    print(f"[lm_quality] {cell.name} diverged: {e}", flush=True)
-    summary, status = None, "diverged"
+  command, out = cell.command(setting), runs_dir / cell.name
+  print(f"[lm_quality] {cell.name} (load {os.getloadavg()[0]:.1f})",
+        flush=True)
+  s = lm_runs.run(lm_runs.argv_of(command, out), runner, replace=True)
+  shape = ("steps", "microbatches", "microbatch_size", "seq_len")
   record = {
       "data": cell.data, "family": cell.family, "variant": cell.variant,
-      "lr": cell.lr, "seed": cell.seed,
-      "final_val_loss": summary["final_val_loss"] if summary else None,
-      "final_eval_loss": summary["final_eval_loss"] if summary else None,
-      "steps": setting.steps, "microbatches": setting.microbatches,
-      "microbatch_size": setting.microbatch_size, "seq_len": setting.seq_len,
-      "tokens": (summary["tokens"] if summary else setting.steps
-                 * setting.microbatches * setting.microbatch_size
-                 * setting.seq_len),
-      "wall_s": summary["wall_s"] if summary else None,
-      "command": command,
-      # Extra context: status, preset, whole-call wall and process CPU time
-      # (compilation included), load average when the run started.
-      "status": status, "preset": setting.preset, "devices": setting.devices,
-      "call_wall_s": round(time.time() - wall0, 1),
-      "cpu_s": round(time.process_time() - cpu0, 1),
-      "loadavg_1m": round(load[0], 2),
-      **({"code": code} if code is not None else {}),
-  }
-  save_curve(curves_path(results), cell.name, out / "metrics.jsonl")
+      "lr": cell.lr, "seed": cell.seed, "final_val_loss": s.get(
+          "final_val_loss"), "final_eval_loss": s.get("final_eval_loss"),
+      **{k: getattr(setting, k) for k in shape},
+      "tokens": s.get("tokens", math.prod(getattr(setting, k) for k in shape)),
+      "wall_s": s.get("wall_s"), "command": command,
+      # Context: status, preset, the run's wall and CPU seconds (imports and
+      # compilation included), load average at its start, code.
+      "status": "diverged" if "diverged" in s else "ok",
+      "preset": setting.preset, "devices": setting.devices,
+      **{k: s["benchmark"][k]
+         for k in ("call_wall_s", "cpu_s", "loadavg_1m", "code")}}
+  save_curve(curves_path(results), cell.name, out)
   append_run(results, record)
-  if summary:
+  if record["status"] == "ok":
     print(f"[lm_quality] {cell.name}: val {record['final_val_loss']:.4f} "
-          f"test {record['final_eval_loss']:.4f} "
-          f"({record['call_wall_s']:.0f} s wall, {record['cpu_s']:.0f} s CPU)",
-          flush=True)
+          f"test {record['final_eval_loss']:.4f} ({record['call_wall_s']:.0f}"
+          f" s wall, {record['cpu_s']:.0f} s CPU)", flush=True)
   return record
-
-
-def cell_of(record: dict) -> Cell:
-  """The grid cell a record was made for."""
-  noise = 0.0 if record["data"] == data_name(0.0) else NOISE
-  if record["data"] != data_name(noise):
-    raise ValueError(f"unknown data {record['data']!r}")
-  return Cell(record["family"], record["variant"], record["lr"],
-              record["seed"], noise)
 
 
 def rerun_unversioned(results: pathlib.Path, setting: Setting,
                       families, run) -> int:
   """Re-runs, with the current code, every record of ``families`` (and of
-  this setting) that has no ``code`` field (made before records said which
+  this setting) without a ``code`` field (made before records said which
   code made them); the old record moves to ``superseded``. Returns the
   number re-run. ``run(cell) -> record`` as in :func:`run_family`."""
-  stale = [r for r in load_runs(results)
-           if "code" not in r and r["family"] in families
-           and setting.matches(r)]
+  stale = [r for r in load_runs(results) if "code" not in r
+           and r["family"] in families and setting.matches(r)]
   for r in stale:
     supersede(results, r, "made by code of unknown version; re-run")
     run(cell_of(r))
@@ -342,55 +255,34 @@ def verify(results: pathlib.Path, runs_dir: pathlib.Path, count: int,
 
   The runs are spread evenly over the results file (its oldest and newest
   records included), so the check covers records made by older code too.
-  Returns ``{"tolerance", "checks": [...], "max_abs_diff", "ok"}``, each
-  check with the record's cell, its recorded and re-run test and
+  Returns ``{"tolerance", "checks", "max_abs_diff", "ok"}``, each check with
+  the record's cell, command and code, and its recorded and re-run test and
   validation losses and their differences (re-run - recorded).
   """
-  if runner is None:
-    from examples.lm import train
-    runner = train.main
   runs = [r for r in load_runs(results) if r.get("status", "ok") == "ok"]
   if not runs:
     raise ValueError(f"{results} has no finished runs to verify")
-  picks = sorted({int(round(i)) for i in
-                  np.linspace(0, len(runs) - 1, min(count, len(runs)))})
   checks = []
-  for i in picks:
+  for i in sorted({round(x) for x in np.linspace(0, len(runs) - 1,
+                                                 min(count, len(runs)))}):
     r = runs[i]
-    name = cell_of(r).name
-    out = runs_dir / "verify" / name
-    if out.exists():
-      shutil.rmtree(out)
-    print(f"[lm_quality] verify {name}: {r['command']}", flush=True)
-    summary = runner(command_argv(r["command"], str(out)))
-    check = {k: r[k] for k in ("data", "family", "variant", "lr", "seed",
-                               "command")}
+    out = runs_dir / "verify" / cell_of(r).name
+    shutil.rmtree(out, ignore_errors=True)   # a fresh run, never a reused one
+    summary = lm_runs.run(lm_runs.argv_of(r["command"], out), runner)
+    if "diverged" in summary:
+      raise FloatingPointError(f"verify {out.name}: {summary['diverged']}")
+    checks.append({k: r[k] for k in ("data", "family", "variant", "lr",
+                                     "seed", "command")})
     for key in ("final_eval_loss", "final_val_loss"):
-      check[key] = {"recorded": r[key], "rerun": summary[key],
-                    "diff": summary[key] - r[key]}
-    check["code"] = r.get("code")
-    checks.append(check)
-    print(f"[lm_quality] verify {name}: test {r['final_eval_loss']:.4f} -> "
-          f"{summary['final_eval_loss']:.4f} "
-          f"({check['final_eval_loss']['diff']:+.4f})", flush=True)
+      checks[-1][key] = {"recorded": r[key], "rerun": summary[key],
+                         "diff": summary[key] - r[key]}
+    checks[-1]["code"] = r.get("code")
+    print(f"[lm_quality] verify {out.name}: test {r['final_eval_loss']:.4f}"
+          f" -> {summary['final_eval_loss']:.4f}", flush=True)
   worst = max(abs(c[k]["diff"]) for c in checks
               for k in ("final_eval_loss", "final_val_loss"))
   return {"tolerance": tolerance, "checks": checks, "max_abs_diff": worst,
           "ok": worst <= tolerance}
-
-
-def save_curve(path: pathlib.Path, name: str, metrics: pathlib.Path) -> None:
-  if not metrics.exists():
-    return
-  records = [json.loads(line) for line in metrics.read_text().splitlines()
-             if line.strip()]
-  curve = {"step": [r["step"] for r in records],
-           "train_loss": [round(r["train_loss"], 4) for r in records],
-           "val": [[r["step"], round(r["val_loss"], 5)] for r in records
-                   if "val_loss" in r]}
-  curves = json.loads(path.read_text()) if path.exists() else {}
-  curves[name] = curve
-  write_json(path, curves)
 
 
 def val_loss(record: dict | None) -> float:
@@ -406,17 +298,17 @@ def choose_lr(family: str, arm: str, setting: Setting, run) -> tuple:
   Starts from ``LR_GRID[family]`` and extends by factors of 2 past an edge
   holding the best validation loss, at most ``MAX_EXTEND`` times.
   """
-  grid = sorted(round_lr(x) for x in LR_GRID[family])
+  grid = sorted(LR_GRID[family])
   scores = {}
   for _ in range(MAX_EXTEND + 1):
     for lr in grid:
       if lr not in scores:
         scores[lr] = val_loss(run(Cell(family, arm, lr, 0)))
     best = min(grid, key=lambda lr: scores[lr])
-    if best == grid[0] or not math.isfinite(scores[best]):  # all diverged: go lower
-      grid.insert(0, round_lr(grid[0] / 2))
+    if best == grid[0] or not math.isfinite(scores[best]):  # or all diverged
+      grid.insert(0, float(f"{grid[0] / 2:.4g}"))
     elif best == grid[-1]:
-      grid.append(round_lr(grid[-1] * 2))
+      grid.append(float(f"{grid[-1] * 2:.4g}"))
     else:
       return best, grid
   best = min(scores, key=scores.get)
@@ -430,10 +322,8 @@ def selected_lrs(runs: list[dict], setting: Setting, family: str) -> dict:
   """
   chosen = {}
   for arm in MAIN_ARMS:
-    scores = {r["lr"]: val_loss(r) for r in runs
-              if setting.matches(r) and r["data"] == "shakespeare"
-              and r["family"] == family and r["variant"] == arm
-              and r["seed"] == 0}
+    scores = {r["lr"]: val_loss(r)
+              for r in select(runs, setting, family, arm, seed=0)}
     if scores:
       chosen[arm] = min(scores, key=scores.get)
   return chosen
@@ -458,46 +348,21 @@ def run_family(family: str, setting: Setting, seeds: int, run,
   lrs = {arm: choose_lr(family, arm, setting, run)[0] for arm in MAIN_ARMS}
   print(f"[lm_quality] {family}: chosen learning rates {lrs}", flush=True)
   main_arms = [arm for arm in MAIN_ARMS if arm in arms]
-  for seed in range(seeds):
-    for arm in main_arms:
-      run(Cell(family, arm, lrs[arm], seed))
-  for arm in ABLATIONS:
-    if arm in arms:
-      for seed in range(seeds):
-        run(Cell(family, arm, lrs["bc"], seed))
-  if noise:
-    for seed in range(seeds):
-      for arm in main_arms:
-        run(Cell(family, arm, lrs[arm], seed, NOISE))
-
-
-# ----------------------------------------------------------------------------
-# Statistics and the report
-
-
-def paired(a: dict, b: dict) -> dict | None:
-  """Paired difference a - b over common seeds ({seed: loss} dicts).
-
-  Returns mean, standard error (sample std / sqrt(n), None for n = 1), n,
-  the number of seeds where a < b, and the differences.
-  """
-  seeds = sorted(s for s in set(a) & set(b)
-                 if a[s] is not None and b[s] is not None)
-  if not seeds:
-    return None
-  d = np.array([a[s] - b[s] for s in seeds], dtype=np.float64)
-  se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
-  return {"mean": float(d.mean()), "se": se, "n": len(d),
-          "improved": int((d < 0).sum()), "seeds": seeds,
-          "diffs": [float(x) for x in d]}
+  seeded = [(arm, lrs[arm], seed, 0.0) for seed in range(seeds)
+            for arm in main_arms]
+  seeded += [(arm, lrs["bc"], seed, 0.0) for arm in ABLATIONS if arm in arms
+             for seed in range(seeds)]
+  seeded += [(arm, lrs[arm], seed, NOISE) for seed in range(seeds) if noise
+             for arm in main_arms]
+  for arm, lr, seed, q in seeded:
+    run(Cell(family, arm, lr, seed, q))
 
 
 def arm_losses(runs: list[dict], setting: Setting, family: str, arm: str,
-               lr: float, data: str = "shakespeare",
-               key: str = "final_eval_loss") -> dict:
-  return {r["seed"]: r[key] for r in runs
-          if setting.matches(r) and r["data"] == data and r["family"] == family
-          and r["variant"] == arm and math.isclose(r["lr"], lr, rel_tol=1e-6)}
+               lr: float, data: str = "shakespeare") -> dict:
+  """{seed: final test loss (None: diverged)}."""
+  return {r["seed"]: r["final_eval_loss"]
+          for r in select(runs, setting, family, arm, lr, data=data)}
 
 
 def summarize(runs: list[dict], setting: Setting) -> dict:
@@ -507,12 +372,9 @@ def summarize(runs: list[dict], setting: Setting) -> dict:
     lrs = selected_lrs(runs, setting, family)
     if not lrs:
       continue
-    fam = {"lr": lrs, "grid": {}, "arms": {}, "diffs": {}, "noise": None}
-    for arm in MAIN_ARMS:
-      fam["grid"][arm] = sorted(
-          (r["lr"], r["final_val_loss"]) for r in runs
-          if setting.matches(r) and r["data"] == "shakespeare"
-          and r["family"] == family and r["variant"] == arm and r["seed"] == 0)
+    fam = out[family] = {"lr": lrs, "arms": {}, "diffs": {}, "noise": None}
+    fam["grid"] = {arm: sorted((r["lr"], r["final_val_loss"]) for r in select(
+        runs, setting, family, arm, seed=0)) for arm in MAIN_ARMS}
     # Settled: the choose_lr rule would stop here (optimum inside the
     # tried rates, or the extension budget used up).
     fam["settled"] = {
@@ -520,66 +382,44 @@ def summarize(runs: list[dict], setting: Setting) -> dict:
             lrs.get(arm) not in (pts[0][0], pts[-1][0])
             or len(pts) >= len(LR_GRID[family]) + MAX_EXTEND)
         for arm, pts in fam["grid"].items() if pts}
-    arm_lr = {"std": lrs.get("std"), "bc": lrs.get("bc")}
-    for arm in ABLATIONS:
-      arm_lr[arm] = lrs.get("bc")
-    losses = {arm: arm_losses(runs, setting, family, arm, lr)
-              for arm, lr in arm_lr.items() if lr is not None}
-    losses = {arm: by_seed for arm, by_seed in losses.items() if by_seed}
+    arm_lr = {arm: lrs.get("std" if arm == "std" else "bc")
+              for arm in MAIN_ARMS + ABLATIONS}
+    losses = {arm: by_seed for arm, lr in arm_lr.items() if lr is not None
+              for by_seed in [arm_losses(runs, setting, family, arm, lr)]
+              if by_seed}
     for arm, by_seed in losses.items():
       vals = [v for v in by_seed.values() if v is not None]
       fam["arms"][arm] = {"lr": arm_lr[arm], "n": len(vals),
                           "diverged": len(by_seed) - len(vals),
                           "mean": float(np.mean(vals)) if vals else None}
-    if "std" in losses:
-      for arm in ("bc",) + ABLATIONS:
-        if arm in losses:
-          fam["diffs"][arm] = paired(losses[arm], losses["std"])
-    if "bc" in losses:
-      for arm in ABLATIONS:
-        if arm in losses:
-          fam["diffs"][f"{arm}-bc"] = paired(losses[arm], losses["bc"])
-    if "std" in lrs and "bc" in lrs:
-      noisy = {arm: arm_losses(runs, setting, family, arm, lrs[arm],
-                               data=data_name(NOISE)) for arm in MAIN_ARMS}
-      if all(noisy.values()):
-        fam["noise"] = {
-            "std": float(np.mean([v for v in noisy["std"].values()
-                                  if v is not None] or [np.nan])),
-            "bc": float(np.mean([v for v in noisy["bc"].values()
-                                 if v is not None] or [np.nan])),
-            "diff": paired(noisy["bc"], noisy["std"])}
-    out[family] = fam
+    for arm, base in ([(a, "std") for a in ("bc",) + ABLATIONS]
+                      + [(a, "bc") for a in ABLATIONS]):
+      if arm in losses and base in losses:
+        fam["diffs"][arm if base == "std" else f"{arm}-{base}"] = (
+            lm_runs.paired(losses[arm], losses[base]))
+    noisy = {arm: arm_losses(runs, setting, family, arm, lrs[arm],
+                             data=data_name(NOISE)) for arm in lrs}
+    if len(noisy) == 2 and all(noisy.values()):
+      mean = lambda arm: float(np.mean([v for v in noisy[arm].values()
+                                        if v is not None] or [np.nan]))
+      fam["noise"] = {"std": mean("std"), "bc": mean("bc"),
+                      "diff": lm_runs.paired(noisy["bc"], noisy["std"])}
   return out
-
-
-def fmt_diff(p: dict | None) -> str:
-  if p is None:
-    return "-"
-  se = f" ± {p['se']:.4f}" if p["se"] is not None else " (1 seed)"
-  return f"{p['mean']:+.4f}{se}"
-
-
-def fmt_improved(p: dict | None) -> str:
-  return "-" if p is None else f"{p['improved']}/{p['n']}"
-
-
-def fmt_lr(x) -> str:
-  return "-" if x is None else f"{x:g}"
-
-
-def fmt_loss(x) -> str:
-  return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
 
 
 def report_markdown(runs: list[dict], setting: Setting, summary: dict,
                     png: str, results_name: str) -> str:
+  """The ``lm_quality`` section of RESULTS.md (without its markers)."""
+  fmt_diff = lambda p: lm_runs.fmt(p, sign="+", one=" (1 seed)")
+  fmt_improved = lambda p: "-" if p is None else f"{p['improved']}/{p['n']}"
+  fmt_loss = lambda x: ("-" if x is None or not math.isfinite(x)
+                        else f"{x:.4f}")
   sel = [r for r in runs if setting.matches(r)]
   ok = [r for r in sel if r.get("wall_s") is not None]
-  lines = [BEGIN, "## Quality: does bias correction pay? (`benchmarks/lm_quality.py`)", ""]
+  lines = ["## Quality: does bias correction pay? "
+           "(`benchmarks/lm_quality.py`)", ""]
   if not sel:
-    lines += ["No runs yet: `python benchmarks/lm_quality.py`.", END]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [f"No runs yet: `python -m {MODULE}`."])
   tokens = setting.microbatches * setting.microbatch_size * setting.seq_len
   walls = [r["wall_s"] for r in ok]
   cpus = [r["cpu_s"] for r in ok if r.get("cpu_s") is not None]
@@ -589,161 +429,120 @@ def report_markdown(runs: list[dict], setting: Setting, summary: dict,
       f"`{setting.preset}` preset, {setting.steps} steps of M = "
       f"{setting.microbatches} microbatches x {setting.microbatch_size} "
       f"sequences x {setting.seq_len} tokens ({tokens} tokens/step, "
-      f"{tokens * setting.steps:,} tokens/run), byte-level Shakespeare "
-      f"(train on 32 plays, choose the learning rate on the validation plays, "
-      f"report the test plays: `examples/lm/data.py`), cosine schedule with "
+      f"{tokens * setting.steps:,} tokens/run), byte-level Shakespeare (train"
+      " on 32 plays, choose the learning rate on the validation plays, report"
+      " the test plays: `examples/lm/data.py`), cosine schedule with "
       f"{setting.warmup} warm-up steps and a 0.1 floor, the same for every "
-      f"arm. Each arm's learning rate is chosen on validation with seed 0 "
-      f"from a factor-2 grid (extended past an edge when the best value sits "
-      f"there); the comparison is on test, paired by seed (a seed fixes the "
-      f"initialisation and the batch order). Differences are `arm - std` "
-      f"in nats/token, ± one standard error over seeds; \"improved\" counts "
-      f"the seeds where the arm's test loss is lower.",
-      "",
+      "arm. Each arm's learning rate is chosen on validation with seed 0 from"
+      " a factor-2 grid (extended past an edge when the best value sits "
+      "there); the comparison is on test, paired by seed (a seed fixes the "
+      "initialisation and the batch order). Differences are `arm - std` in "
+      "nats/token, ± one standard error over seeds; \"improved\" counts the "
+      "seeds where the arm's test loss is lower.", "",
       f"{len(sel)} runs in `benchmarks/results/{results_name}`"
-      + (f"; one run took a median {np.median(walls):.0f} s of training "
-         f"wall time ({np.median(cpus):.0f} s of process CPU time including "
-         f"compilation) on this 2-core CPU machine, shared with other jobs "
+      + (f"; one run took a median {np.median(walls):.0f} s of training wall "
+         f"time ({np.median(cpus):.0f} s of process CPU time including "
+         "compilation) on this 2-core CPU machine, shared with other jobs "
          f"(1-minute load average {min(loads):.1f}-{max(loads):.1f} at the "
-         f"runs' starts)" if walls and cpus and loads else "")
+         "runs' starts)" if walls and cpus and loads else "")
       + (f"; the {len(light)} runs started at a load average below "
          f"{LIGHT_LOAD:g} took a median {np.median(light):.0f} s." if light
-         else "."),
-      "",
-      "| family | lr std | lr bc | test std | test bc | bc - std | improved "
-      "| paper (Qwen2.5-0.5B) |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+         else "."), ""]
+  main_rows, ablation_rows, grid_rows = [], [], []
   for family, fam in summary.items():
     arms, d = fam["arms"], fam["diffs"].get("bc")
     pending = [a for a in MAIN_ARMS if not fam["settled"].get(a)]
-    lines.append(
-        f"| {family}{' (lr search in progress)' if pending else ''} | "
-        f"{fmt_lr(fam['lr'].get('std'))} | "
-        f"{fmt_lr(fam['lr'].get('bc'))} | "
-        f"{fmt_loss(arms.get('std', {}).get('mean'))} | "
-        f"{fmt_loss(arms.get('bc', {}).get('mean'))} | {fmt_diff(d)} | "
-        f"{fmt_improved(d)} | {PAPER_DELTA[family]:+.3f} |")
+    main_rows.append([
+        family + (" (lr search in progress)" if pending else ""),
+        *(f"{fam['lr'][a]:g}" if a in fam["lr"] else "-" for a in MAIN_ARMS),
+        *(fmt_loss(arms.get(a, {}).get("mean")) for a in MAIN_ARMS),
+        fmt_diff(d), fmt_improved(d), f"{PAPER_DELTA[family]:+.3f}"])
     if fam["noise"]:
-      nz = fam["noise"]
-      paper = PAPER_DELTA.get(family + "-noise")
-      lines.append(
-          f"| {family}, noise q = {NOISE:g} | (same) | (same) | "
-          f"{fmt_loss(nz['std'])} | {fmt_loss(nz['bc'])} | "
-          f"{fmt_diff(nz['diff'])} | {fmt_improved(nz['diff'])} | "
-          f"{'-' if paper is None else f'{paper:+.3f}'} |")
-  lines += ["", "Ablations at the `bc` arm's learning rate (same seeds): "
-            "`cf` cross-fit only, `inv` inverse correction only, `paper` the "
-            "reference code's variant (AdamW LOO, Sophia/Shampoo twofold, "
-            "`\"paper\"` estimator).", "",
-            "| family | arm | lr | seeds | mean test | arm - std | improved "
-            "vs std | arm - bc |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for family, fam in summary.items():
-    for arm in MAIN_ARMS + ABLATIONS:
-      if arm not in fam["arms"]:
-        continue
-      a = fam["arms"][arm]
-      d = fam["diffs"].get(arm)
-      db = fam["diffs"].get(f"{arm}-bc")
+      nz, paper = fam["noise"], PAPER_DELTA.get(family + "-noise")
+      main_rows.append([
+          f"{family}, noise q = {NOISE:g}", "(same)", "(same)",
+          fmt_loss(nz["std"]), fmt_loss(nz["bc"]), fmt_diff(nz["diff"]),
+          fmt_improved(nz["diff"]), "-" if paper is None else f"{paper:+.3f}"])
+    for arm in (a for a in MAIN_ARMS + ABLATIONS if a in arms):
+      a, d, db = arms[arm], fam["diffs"].get(arm), fam["diffs"].get(
+          f"{arm}-bc")
       div = f" ({a['diverged']} diverged)" if a["diverged"] else ""
-      lines.append(
-          f"| {family} | {arm} | {a['lr']:g} | {a['n']}{div} | "
-          f"{fmt_loss(a['mean'])} | {fmt_diff(d) if arm != 'std' else ''} | "
-          f"{fmt_improved(d) if arm != 'std' else ''} | "
-          f"{fmt_diff(db) if db else ''} |")
-  lines += ["", "Learning-rate search (seed 0, final validation loss; "
-            "**bold** = chosen; an edge choice means the grid did not "
-            "bracket the optimum within the extension budget):", "",
-            "| family | arm | lr: validation loss |", "| --- | --- | --- |"]
-  for family, fam in summary.items():
-    for arm, pts in fam["grid"].items():
-      if not pts:
-        continue
-      cells = []
-      for lr, v in pts:
-        s = f"{lr:g}: {fmt_loss(v) if v is not None else 'diverged'}"
-        cells.append(f"**{s}**" if lr == fam["lr"].get(arm) else s)
+      ablation_rows.append([
+          family, arm, f"{a['lr']:g}", f"{a['n']}{div}", fmt_loss(a["mean"]),
+          *((fmt_diff(d), fmt_improved(d)) if arm != "std" else ("", "")),
+          fmt_diff(db) if db else ""])
+    for arm, pts in ((arm, pts) for arm, pts in fam["grid"].items() if pts):
+      cells = [f"{lr:g}: {fmt_loss(v) if v is not None else 'diverged'}"
+               for lr, v in pts]
+      cells = [f"**{c}**" if lr == fam["lr"].get(arm) else c
+               for c, (lr, _) in zip(cells, pts)]
       edge = fam["lr"].get(arm) in (pts[0][0], pts[-1][0])
       note = ("" if not edge else " (edge: extension budget used up)"
               if fam["settled"].get(arm) else " (search in progress)")
-      lines.append(f"| {family} | {arm} | {', '.join(cells)}{note} |")
+      grid_rows.append([family, arm, ", ".join(cells) + note])
   missing = [f for f in FAMILIES if f not in summary]
-  if missing:
-    lines += ["", f"Not run yet: {', '.join(missing)}."]
-  lines += ["", f"![paired differences and loss curves]({png})", "",
-            "Reproduce: `python benchmarks/lm_quality.py` (resumable; "
-            "`--families adamw` for one family, `--report-only` to rebuild "
-            "this section); every record's `command` reruns one cell. On an "
-            "accelerator add e.g. `--preset small --steps 2000 --devices N`.",
-            END]
-  return "\n".join(lines) + "\n"
-
-
-def write_results_md(section: str, path: pathlib.Path = RESULTS_MD) -> None:
-  """Replaces only the text between the lm_quality markers (re-read first)."""
-  text = path.read_text() if path.exists() else (
-      "# Benchmark results\n\nGenerated by the scripts in `benchmarks/`; "
-      "each section names its script and results file.\n")
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    text = head + section.rstrip("\n") + tail
-  else:
-    text = text.rstrip("\n") + "\n\n" + section
-  tmp = path.with_suffix(".md.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  lines += [
+      harness.table(["family", "lr std", "lr bc", "test std", "test bc",
+                     "bc - std", "improved", "paper (Qwen2.5-0.5B)"],
+                    main_rows), "",
+      "Ablations at the `bc` arm's learning rate (same seeds): `cf` cross-fit"
+      " only, `inv` inverse correction only, `paper` the reference code's "
+      "variant (AdamW LOO, Sophia/Shampoo twofold, `\"paper\"` estimator).",
+      "", harness.table(["family", "arm", "lr", "seeds", "mean test",
+                         "arm - std", "improved vs std", "arm - bc"],
+                        ablation_rows), "",
+      "Learning-rate search (seed 0, final validation loss; **bold** = "
+      "chosen; an edge choice means the grid did not bracket the optimum "
+      "within the extension budget):", "",
+      harness.table(["family", "arm", "lr: validation loss"], grid_rows),
+      *(["", f"Not run yet: {', '.join(missing)}."] if missing else []), "",
+      f"![paired differences and loss curves]({png})", "",
+      f"Reproduce: `python -m {MODULE}` (resumable; `--families adamw` for "
+      "one family, `--report-only` to rebuild this section); every record's "
+      "`command` reruns one cell. On an accelerator add e.g. `--preset small "
+      "--steps 2000 --devices N`."]
+  return "\n".join(lines)
 
 
 def plot(summary: dict, curves: dict, runs: list[dict], setting: Setting,
          path: pathlib.Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """Paired differences (bars), and each family's mean validation curves."""
   fams = list(summary)
-  fig, axes = plt.subplots(1, 1 + max(1, len(fams)),
-                           figsize=(4.2 * (1 + max(1, len(fams))), 4.2))
-  ax = axes[0]
-  arms = ("bc",) + ABLATIONS
+  fig, axes = lm_runs.subplots(1, 1 + max(1, len(fams)),
+                               figsize=(4.2 * (1 + max(1, len(fams))), 4.2))
+  ax, arms = axes[0], ("bc",) + ABLATIONS
   width = 0.8 / (len(arms) + 1)
   for i, family in enumerate(fams):
     for j, arm in enumerate(arms):
       p = summary[family]["diffs"].get(arm)
-      if p is None:
-        continue
-      x = i + (j - len(arms) / 2) * width
-      ax.bar(x, p["mean"], width, yerr=p["se"] or 0, capsize=2,
-             color=f"C{j}", label=arm if i == 0 else None)
+      if p is not None:
+        ax.bar(i + (j - len(arms) / 2) * width, p["mean"], width,
+               yerr=p["se"] or 0, capsize=2, color=f"C{j}",
+               label=arm if i == 0 else None)
     ax.plot([i + (len(arms) / 2) * width], [PAPER_DELTA[family]], "k*", ms=9,
             label="paper (bc)" if i == 0 else None)
   ax.axhline(0, color="k", lw=0.7)
   ax.set_xticks(range(len(fams)), fams)
-  ax.set_ylabel("test loss: arm - std (nats/token)")
-  ax.set_title("paired difference ± s.e. over seeds")
+  ax.set(ylabel="test loss: arm - std (nats/token)",
+         title="paired difference ± s.e. over seeds")
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, axis="y")
   for ax, family in zip(axes[1:], fams):
-    fam = summary[family]
     for k, arm in enumerate(MAIN_ARMS + ABLATIONS):
-      a = fam["arms"].get(arm)
-      if not a or not a["n"]:
-        continue
-      names = [Cell(family, arm, a["lr"], r["seed"]).name for r in runs
-               if setting.matches(r) and r["data"] == "shakespeare"
-               and r["family"] == family and r["variant"] == arm
-               and math.isclose(r["lr"], a["lr"], rel_tol=1e-6)
-               and r.get("final_eval_loss") is not None]
-      vals = [dict(curves[n]["val"]) for n in names if n in curves]
+      a = summary[family]["arms"].get(arm)
+      vals = [dict(curves[cell_of(r).name]["val"]) for r in select(
+          runs, setting, family, arm, a["lr"]) if r.get("final_eval_loss")
+              is not None and cell_of(r).name in curves] if a else []
       if not vals:
         continue
       steps = sorted(set.intersection(*(set(v) for v in vals)))
-      mean = [np.mean([v[s] for v in vals]) for s in steps]
       main = arm in MAIN_ARMS
-      ax.plot(steps, mean, "o-" if main else ".--", ms=3, lw=1.5 if main else 0.8,
-              color=f"C{k}", label=f"{arm} (lr {a['lr']:g}, {len(vals)} seeds)")
-    ax.set_title(f"{family}: validation loss, mean over seeds")
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats/token")
+      ax.plot(steps, [np.mean([v[s] for v in vals]) for s in steps],
+              "o-" if main else ".--", ms=3, lw=1.5 if main else 0.8,
+              color=f"C{k}", label=f"{arm} (lr {a['lr']:g}, {len(vals)} "
+              "seeds)")
+    ax.set(title=f"{family}: validation loss, mean over seeds",
+           xlabel="step", ylabel="nats/token")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     lo = [m for m in ax.get_lines() if len(m.get_ydata())]
@@ -751,138 +550,102 @@ def plot(summary: dict, curves: dict, runs: list[dict], setting: Setting,
       ys = np.concatenate([m.get_ydata()[len(m.get_ydata()) // 2 - 1:]
                            for m in lo])
       ax.set_ylim(ys.min() - 0.05, ys.max() + 0.05)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def print_table(summary: dict) -> None:
-  print(f"{'family':8} {'arm':6} {'lr':>8} {'seeds':>5} {'test':>8} "
-        f"{'arm-std':>18} {'improved':>8}")
-  for family, fam in summary.items():
-    for arm in MAIN_ARMS + ABLATIONS:
-      a = fam["arms"].get(arm)
-      if not a:
-        continue
-      d = fam["diffs"].get(arm)
-      print(f"{family:8} {arm:6} {a['lr']:8g} {a['n']:5d} "
-            f"{fmt_loss(a['mean']):>8} {fmt_diff(d) if d else '':>18} "
-            f"{fmt_improved(d) if d else '':>8}")
-    if fam["noise"]:
-      nz = fam["noise"]
-      print(f"{family:8} noisy  std {fmt_loss(nz['std'])} bc "
-            f"{fmt_loss(nz['bc'])}  bc-std {fmt_diff(nz['diff'])}")
+  lm_runs.save_figure(fig, path, dpi=110)
 
 
 def report(results: pathlib.Path, setting: Setting, png: pathlib.Path,
            results_md: pathlib.Path | None) -> dict:
-  """Prints the table, writes the PNG and (unless None) the RESULTS.md part."""
+  """Prints the section, writes the PNG and (unless None) the section."""
   runs = load_runs(results)
   summary = summarize(runs, setting)
-  curves = (json.loads(curves_path(results).read_text())
-            if curves_path(results).exists() else {})
-  print_table(summary)
+  section = report_markdown(runs, setting, summary, os.path.relpath(
+      png, (results_md or harness.RESULTS_MD).parent), results.name)
+  print(section)
   if summary:
-    plot(summary, curves, runs, setting, png)
-    print(f"[lm_quality] wrote {png}")
+    path = curves_path(results)
+    plot(summary, json.loads(path.read_text()) if path.exists() else {},
+         runs, setting, png)
   if results_md is not None:
-    write_results_md(report_markdown(
-        runs, setting, summary, os.path.relpath(png, results_md.parent),
-        results.name), results_md)
-    print(f"[lm_quality] wrote {results_md}")
+    harness.write_section("lm_quality", section, results_md)
   return summary
 
 
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--quick", action="store_true",
-                 help="adamw vs adamw_bc, seed 0 (two runs), each at the rate "
-                      "chosen in benchmarks/results/lm_quality.json")
-  p.add_argument("--families", nargs="+", default=list(FAMILIES),
-                 choices=FAMILIES)
-  p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--arms", nargs="+", default=list(MAIN_ARMS + ABLATIONS),
-                 choices=MAIN_ARMS + ABLATIONS,
-                 help="arms that get seeds (default: all; the learning-rate"
-                      " search always runs)")
-  p.add_argument("--no-noise", action="store_true",
-                 help="skip the noisy-data row (AdamW)")
-  p.add_argument("--report-only", action="store_true")
-  p.add_argument("--rerun-unversioned", action="store_true",
-                 help="first re-run (with this code) the records of the"
-                      " selected families that carry no `code` field; the"
-                      " old records are kept under `superseded`")
-  p.add_argument("--verify", type=int, metavar="K", default=None,
-                 help="re-run K recorded runs (spread over the results file)"
-                      " from their commands, write lm_quality_verify.json"
-                      " next to the results and fail if a loss moved by more"
-                      f" than {REPRODUCE_TOLERANCE} nats")
-  p.add_argument("--preset", default=Setting.preset)
-  p.add_argument("--steps", type=int, default=Setting.steps)
-  p.add_argument("--microbatches", type=int, default=Setting.microbatches)
-  p.add_argument("--microbatch-size", type=int,
-                 default=Setting.microbatch_size)
-  p.add_argument("--seq-len", type=int, default=Setting.seq_len)
-  p.add_argument("--devices", type=int, default=Setting.devices)
-  p.add_argument("--results", type=pathlib.Path,
-                 help="results JSON (default benchmarks/results/"
-                      "lm_quality.json; runs/lm_quality_quick.json with "
-                      "--quick); the PNG goes next to it")
-  p.add_argument("--runs-dir", type=pathlib.Path,
-                 help="run output folders (default runs/lm_quality, "
-                      "runs/lm_quality_quick with --quick)")
+def parse_args(argv=None) -> argparse.Namespace:
+  """The flags, with ``setting``, ``results``, ``png`` and ``runs_dir``."""
+  p = lm_runs.parser(
+      MODULE, __doc__, "adamw vs adamw_bc, seed 0 (two runs) at the rates "
+      "chosen in results/lm_quality.json", "benchmarks/results/"
+      "lm_quality.json, runs/lm_quality_quick.json with --quick",
+      "runs/lm_quality[_quick]")
+  add = p.add_argument
+  add("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+  add("--seeds", type=int, default=3)
+  add("--arms", nargs="+", default=list(MAIN_ARMS + ABLATIONS),
+      choices=MAIN_ARMS + ABLATIONS, help="arms that get seeds (default: "
+      "all; the learning-rate search always runs)")
+  add("--no-noise", action="store_true", help="skip AdamW's noisy-data row")
+  add("--rerun-unversioned", action="store_true", help="first re-run the "
+      "selected families' records that have no `code` (the old records go "
+      "to `superseded`)")
+  add("--verify", type=int, metavar="K", help="re-run K records (spread "
+      "over the file), write lm_quality_verify.json next to it (earlier "
+      "checks under `previous`), fail if a loss moved by more than "
+      f"{REPRODUCE_TOLERANCE}")
+  shape = ("preset", "steps", "microbatches", "microbatch_size", "seq_len",
+           "devices")
+  for k in shape:
+    add("--" + k.replace("_", "-"), default=getattr(Setting, k),
+        type=type(getattr(Setting, k)))
   args = p.parse_args(argv)
-  setting = Setting(preset=args.preset, steps=args.steps,
-                    microbatches=args.microbatches,
-                    microbatch_size=args.microbatch_size, seq_len=args.seq_len,
-                    devices=args.devices)
+  if args.seeds < 1 or (args.verify is not None and args.verify < 1):
+    p.error("--seeds and --verify take a positive count")
+  args.setting = Setting(**{k: getattr(args, k) for k in shape})
   # --quick keeps its runs out of the committed results (so that it always
-  # trains on a fresh checkout): runs/lm_quality_quick.json and .png.
-  results = args.results or (ROOT / "runs" / "lm_quality_quick.json"
-                             if args.quick else RESULTS / "lm_quality.json")
-  png = results.with_suffix(".png")
-  runs_dir = args.runs_dir or ROOT / "runs" / (
-      "lm_quality_quick" if args.quick else "lm_quality")
-  if args.devices > 1 and "XLA_FLAGS" not in os.environ and (
-      args.preset == "tiny"):
+  # trains on a fresh checkout). Paths are relative to the repository root.
+  quick = "_quick" if args.quick else ""
+  args.results = harness.ROOT / (args.results or (
+      f"runs/lm_quality{quick}.json" if quick
+      else harness.RESULTS_DIR / "lm_quality.json"))
+  args.png = args.results.with_suffix(".png")
+  args.runs_dir = harness.ROOT / (args.runs_dir or f"runs/lm_quality{quick}")
+  return args
+
+
+def main(argv=None, runner=None) -> None:
+  args = parse_args(argv)
+  setting, results, t0 = args.setting, args.results, time.time()
+  run = lambda cell: run_cell(cell, setting, results, args.runs_dir, runner)
+  if args.devices > 1 and "XLA_FLAGS" not in os.environ:
     print("[lm_quality] note: on CPU, --devices N needs XLA_FLAGS="
           "--xla_force_host_platform_device_count=N", flush=True)
-  os.chdir(ROOT)              # train.py's relative paths, `python -m` commands
-  sys.path.insert(0, str(ROOT))
-  t0 = time.time()
   if args.verify is not None:
-    command = " ".join(shlex.quote(a) for a in
-                       ["python", "benchmarks/lm_quality.py"] + list(
-                           sys.argv[1:] if argv is None else argv))
-    check = verify(results, runs_dir, args.verify)
-    write_json(results.with_name(results.stem + "_verify.json"),
-               {"command": command, "code": git_state(), **check})
+    check = verify(results, args.runs_dir, args.verify, runner)
+    path = results.with_name(results.stem + "_verify.json")
+    old = json.loads(path.read_text()) if path.exists() else None
+    harness.write_json(path, {   # earlier checks kept, newest first
+        "command": harness.command(MODULE, argv),
+        "code": harness.git_state(),
+        **check, "previous": [] if old is None else [old] + old.pop(
+            "previous", [])})
     print(f"[lm_quality] verify: {len(check['checks'])} runs, largest "
           f"|difference| {check['max_abs_diff']:.4f} nats (tolerance "
           f"{check['tolerance']})", flush=True)
     if not check["ok"]:
       raise SystemExit(1)
     return
-  if not args.report_only:
-    from examples.lm import train   # imported now: `code` describes it
-    code = git_state()
-    run = lambda cell: run_cell(cell, setting, results, runs_dir,
-                                runner=train.main, code=code)
-    if args.quick:
-      lrs = quick_lrs(RESULTS / "lm_quality.json", setting)
-      print(f"[lm_quality] --quick: learning rates {lrs}", flush=True)
-      for arm in MAIN_ARMS:
-        run(Cell("adamw", arm, lrs[arm], 0))
-    else:
-      if args.rerun_unversioned:
-        n = rerun_unversioned(results, setting, args.families, run)
-        print(f"[lm_quality] re-ran {n} unversioned records", flush=True)
-      for family in args.families:
-        run_family(family, setting, args.seeds, run,
-                   noise=family == "adamw" and not args.no_noise,
-                   arms=tuple(args.arms))
-  report(results, setting, png, None if args.quick else RESULTS_MD)
+  if args.quick and not args.report_only:
+    lrs = quick_lrs(harness.RESULTS_DIR / "lm_quality.json", setting)
+    print(f"[lm_quality] --quick: learning rates {lrs}", flush=True)
+    for arm in MAIN_ARMS:
+      run(Cell("adamw", arm, lrs[arm], 0))
+  elif not args.report_only:
+    if args.rerun_unversioned:
+      n = rerun_unversioned(results, setting, args.families, run)
+      print(f"[lm_quality] re-ran {n} unversioned records", flush=True)
+    for family in args.families:
+      run_family(family, setting, args.seeds, run, noise=family == "adamw"
+                 and not args.no_noise, arms=tuple(args.arms))
+  report(results, setting, args.png, None if args.quick else harness.RESULTS_MD)
   print(f"[lm_quality] done in {time.time() - t0:.0f} s", flush=True)
 
 

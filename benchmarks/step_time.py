@@ -1,354 +1,259 @@
 r"""Train-step cost of the bias-corrected optimizers on the LM example.
 
-Whole train steps of ``examples/lm/train.py`` (built by its own ``build``:
-per-microbatch gradients by ``vmap``, on Sophia's refresh steps the GNB
-curvature of every microbatch, ``bcopt.clip_by_global_norm``, the optimizer,
-``apply_updates``; parameters and optimizer state donated), for each family's
-``std`` arm (``--optimizer FAMILY``: cross-fit and correction off) and ``bc``
-arm (``--optimizer FAMILY_bc``), at the same examples per step (M
-microbatches x B sequences x T tokens). Also timed: a ``plain`` step, what one
-writes without bcopt: the gradient of the mean loss over the whole batch (no
-microbatch axis), ``optax.clip_by_global_norm`` and ``optax.adamw`` with the
-same hyperparameters and schedule.
+Timed on a preset of the example, interleaved in one process (the harness:
+programs compiled once, state donated and fed back, rounds of one call
+each, wall and process CPU time; XLA's memory figures):
 
-Sophia is timed on refresh steps (curvature) and non-refresh steps (cached
-inverse): two compiled steps. Shampoo's root steps (eigendecompositions
-under ``lax.cond``, every 10th step) and non-root steps are the same compiled
-step; the state's step counter is set before each call so that the call is a
-root (or a non-root) step.
+* the example's train steps (``train.build``) of each family's ``std``
+  (``--optimizer FAMILY``) and ``bc`` (``FAMILY_bc``) arm; Sophia's refresh
+  and non-refresh steps (two programs), Shampoo's root and non-root steps
+  (one program, the count of its ``ScaleByShampooBCState`` set before each
+  call);
+* ``plain``: the step without bcopt, the gradient of the mean loss over the
+  whole batch, ``optax.clip_by_global_norm`` and ``optax.adamw`` with the
+  example's hyperparameters and schedule;
+* the curvature estimators, one ``vmap(bcopt.gnb_diag)`` pass (what a
+  Sophia refresh adds) and one ``vmap(bcopt.hutchinson_diag)`` pass over
+  the M microbatches, against one gradient pass ``vmap(grad(loss))``.
 
-Method: one process; every step compiled once with
-``jax.jit(...).lower(...).compile()`` (whose ``memory_analysis()`` gives the
-compiled memory: arguments, outputs, donated aliases and XLA's temporary
-buffers) and the compiled executable called with its state fed back. After
-two warm-up calls each, rounds in which every step runs once (order shuffled
-per round), each call timed with ``block_until_ready`` in wall time and in
-process CPU time (all threads; robust on a shared machine, where wall time
-includes waiting for a core). Reported: per-step medians, and the median over
-rounds of the per-round ratio ``bc / std`` (and ``/ plain``).
+Reported: medians, medians of the per-round ratios ``bc / std``, ``/ plain``
+and ``/ gradients``, and issue 6's target (AdamW-BC and Sophia-BC
+non-refresh steps at most ``TARGET`` x ``std``). Batches are random tokens.
 
-Usage::
+Usage (results in ``benchmarks/results/step_time[_quick].json``; without
+``--quick`` also the ``step_time`` section of RESULTS.md)::
 
-  python benchmarks/step_time.py --presets tiny           # ~10 min on 2 cores
-  python benchmarks/step_time.py                          # tiny and small
-  python benchmarks/step_time.py --quick                  # 3 rounds, tiny
+  python -m benchmarks.step_time --presets tiny     # ~10 min on 2 cores
+  python -m benchmarks.step_time                    # tiny and small
+  python -m benchmarks.step_time --quick            # 3 rounds of tiny
 """
 
-from __future__ import annotations
-
-import argparse
-import dataclasses
-import json
 import os
-import pathlib
-import shlex
-import sys
-import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# Before numpy loads SciPy's OpenBLAS (LAPACK eigh of Shampoo's roots), as
+# in update_cost: its busy-waiting threads slow eigh on a loaded machine.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import jax  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import argparse
+import math
+
+import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import nnx
 
 import bcopt
-from examples.lm import data as data_lib
-from examples.lm import model as model_lib
+from benchmarks import harness
+from examples.lm import config
+from examples.lm import data
+from examples.lm import model
+from examples.lm import optimizer
 from examples.lm import train
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import lm_quality as lq  # pylint: disable=g-import-not-at-top
-import optimizer_overhead as oo  # pylint: disable=g-import-not-at-top
-
+MODULE = "benchmarks.step_time"
 FAMILIES = ("adamw", "sophia", "shampoo")
 TARGET = 1.15   # issue 6: adamw_bc and sophia_bc (non-refresh) <= 1.15x std
+TARGETS = ("adamw/bc", "sophia/bc/nonrefresh")
+KINDS = {"sophia": {"/nonrefresh": False, "/refresh": True}}  # refresh flag
+SHAMPOO = {"/nonroot": 1, "/root": 0}   # the count before the call
+GRADIENTS = "estimator/gradients"
 
 
-def environment() -> dict:
-  """optimizer_overhead's environment plus the git state of the code."""
-  return {**oo.environment(),
-          "git": lq.git_state()}   # of the code imported by this process
+def settings(args, preset: str, name: str) -> config.Config:
+  """The example's settings of one optimizer at the benchmark's shape."""
+  return train.parse_args(
+      ["--preset", preset, "--optimizer", name, "--microbatches",
+       str(args.microbatches), "--microbatch-size", str(args.microbatch_size),
+       "--seq-len", str(args.seq_len), "--steps", "1000", "--lr", "1e-3"]
+      + [w for item in args.model for w in ("--model", item)]
+      + ["--fast-compile"] * args.fast_compile)
 
 
-def train_args(preset: str, optimizer: str, shape: dict) -> argparse.Namespace:
-  return train.parse_args([
-      "--preset", preset, "--optimizer", optimizer,
-      "--microbatches", str(shape["M"]), "--microbatch-size", str(shape["B"]),
-      "--seq-len", str(shape["T"]), "--steps", "1000", "--lr", "1e-3"])
+def finite(loss) -> None:
+  if not math.isfinite(float(loss)):
+    raise FloatingPointError(f"loss {float(loss)}")
 
 
-def plain_step(args, cfg):
+def plain_step(cfg: config.Config, loss_fn):
   """Full-batch gradient + optax.adamw: the step without a microbatch axis."""
-  graphdef = nnx.graphdef(nnx.eval_shape(
-      lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0))))
-  _, loss_fn = train.make_loss_fns(graphdef)
-  _, kwargs = train.optimizer_kwargs(args)
-  tx = optax.chain(
-      optax.clip_by_global_norm(args.clip_norm),
-      optax.adamw(train.learning_rate(args), b1=kwargs["b1"], b2=kwargs["b2"],
-                  eps=kwargs["eps"], weight_decay=args.weight_decay,
-                  mask=train.decay_mask))
+  kw = optimizer.optimizer_kwargs(cfg)
+  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(
+      optimizer.learning_rate(cfg), b1=kw["b1"], b2=kw["b2"], eps=kw["eps"],
+      weight_decay=cfg.weight_decay, mask=optimizer.decay_mask))
 
-  def step(params, opt_state, windows_MxBxT1, key):
+  def step(state, windows_MxBxT1, key):
     del key
-    windows_NxT1 = windows_MxBxT1.reshape(-1, windows_MxBxT1.shape[-1])
-    loss, grads = jax.value_and_grad(loss_fn)(params, windows_NxT1)
+    params, opt_state = state
+    loss, grads = jax.value_and_grad(loss_fn)(
+        params, windows_MxBxT1.reshape(-1, windows_MxBxT1.shape[-1]))
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return loss, (optax.apply_updates(params, updates), opt_state)
 
-  return tx, jax.jit(step, donate_argnums=(0, 1))
-
-
-def set_shampoo_count(opt_state, count: int):
-  """The state with Shampoo's step counter set (the next call is step count+1)."""
-  def fix(x):
-    if isinstance(x, bcopt.ScaleByShampooBCState):
-      return x._replace(count=jnp.asarray(count, x.count.dtype))
-    return x
-  return jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(
-      x, bcopt.ScaleByShampooBCState))
+  return step, tx
 
 
-def nbytes(tree) -> int:
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
-@dataclasses.dataclass
-class Timer:
-  """One compiled step with its own carried state."""
-
-  name: str            # e.g. "sophia/bc/refresh"
-  compiled: object
-  state: list          # [params, opt_state]
-  prepare: object = None   # opt_state -> opt_state before each call
-  wall: list = dataclasses.field(default_factory=list)
-  cpu: list = dataclasses.field(default_factory=list)
-
-  def call(self, windows, key, record=True):
-    params, opt_state = self.state
-    if self.prepare is not None:
-      opt_state = self.prepare(opt_state)
-    jax.block_until_ready((params, opt_state))
-    c0, w0 = time.process_time(), time.perf_counter()
-    params, opt_state, loss = self.compiled(params, opt_state, windows, key)
-    jax.block_until_ready((params, opt_state, loss))
-    w1, c1 = time.perf_counter(), time.process_time()
-    self.state = [params, opt_state]
-    if not np.isfinite(float(loss)):
-      raise FloatingPointError(f"{self.name}: loss {float(loss)}")
-    if record:
-      self.wall.append(w1 - w0)
-      self.cpu.append(c1 - c0)
-
-
-def memory(compiled) -> dict:
-  m = compiled.memory_analysis()
-  fields = ("argument_size_in_bytes", "output_size_in_bytes",
-            "alias_size_in_bytes", "temp_size_in_bytes",
-            "generated_code_size_in_bytes")
-  out = {f.replace("_size_in_bytes", "_bytes"): int(getattr(m, f))
-         for f in fields if hasattr(m, f)}
-  # Live at the peak, at most: inputs + non-aliased outputs + temporaries.
-  out["peak_bound_bytes"] = (out["argument_bytes"] + out["output_bytes"]
-                             - out["alias_bytes"] + out["temp_bytes"])
-  return out
-
-
-def make_timers(preset: str, shape: dict, log) -> tuple:
-  """Compiles every step of one preset: (timers, per-step facts, batch, key)."""
-  timers, facts = [], {}
-  corpus = data_lib.load_corpus(None, vocab_size=None, seq_len=shape["T"])
-  windows = jax.device_put(data_lib.train_batch(
-      corpus.train, seed=0, step=1, noise=0.0, microbatches=shape["M"],
-      batch_size=shape["B"], seq_len=shape["T"]))
-  key = jax.random.key(0)
-  for family in FAMILIES:
-    for arm, optimizer in (("std", family), ("bc", f"{family}_bc")):
-      args = train_args(preset, optimizer, shape)
-      cfg = train.model_config(args, corpus.vocab_size)
-      prog = train.build(args, cfg)
+def runners(args, preset: str, log) -> tuple[dict, dict]:
+  """Compiles every program of one preset: (runners, facts by name)."""
+  out, facts, key = {}, {}, jax.random.key(0)
+  windows = jax.random.randint(jax.random.key(1), (
+      args.microbatches, args.microbatch_size, args.seq_len + 1), 0,
+                               data.BYTE_VOCAB, jnp.int32)
+  for family in args.families:
+    for arm, name in (("std", family), ("bc", f"{family}_bc")):
+      cfg = settings(args, preset, name)
+      model_cfg = config.model_config(cfg, data.BYTE_VOCAB)
+      prog = train.build(cfg, model_cfg)
       state = prog.init(jax.random.key(0))
-      params, opt_state = state["params"], state["opt_state"]
-      kinds = {"sophia": (("nonrefresh", False), ("refresh", True))}.get(
-          family, (("step", False),))
-      for kind, refresh in kinds:
-        t0, c0 = time.perf_counter(), time.process_time()
-        compiled = prog.train_steps[refresh].lower(
-            params, opt_state, windows, key).compile()
-        compile_s = (time.perf_counter() - t0, time.process_time() - c0)
-        if family == "shampoo":
-          for kind2, count in (("nonroot", 1), ("root", 0)):
-            name = f"{family}/{arm}/{kind2}"
-            timers.append(Timer(name, compiled, [
-                jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, opt_state)],
-                prepare=lambda s, c=count: set_shampoo_count(s, c)))
-            facts[name] = {"memory": memory(compiled)}
-        else:
-          name = f"{family}/{arm}/{kind}" if family == "sophia" else f"{family}/{arm}"
-          timers.append(Timer(name, compiled, [
-              jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, opt_state)]))
-          facts[name] = {"memory": memory(compiled)}
-        log(f"  compiled {family}/{arm}/{kind} in {compile_s[0]:.0f} s "
-            f"({compile_s[1]:.0f} s CPU)")
-      for name in facts:
-        if name.startswith(f"{family}/{arm}"):
-          facts[name].update(optimizer=optimizer,
-                             params=model_lib.count_params(params),
-                             opt_state_bytes=nbytes(opt_state),
-                             param_bytes=nbytes(params))
-  # The plain step: no microbatch axis, optax.adamw.
-  args = train_args(preset, "adamw", shape)
-  cfg = train.model_config(args, corpus.vocab_size)
-  tx, step = plain_step(args, cfg)
-  params = nnx.to_pure_dict(nnx.state(
-      model_lib.Transformer(cfg, rngs=nnx.Rngs(jax.random.key(0))), nnx.Param))
-  opt_state = tx.init(params)
-  compiled = step.lower(params, opt_state, windows, key).compile()
-  timers.insert(0, Timer("plain", compiled, [params, opt_state]))
-  facts["plain"] = {"memory": memory(compiled), "optimizer": "optax.adamw",
-                    "params": model_lib.count_params(params),
-                    "opt_state_bytes": nbytes(opt_state),
-                    "param_bytes": nbytes(params)}
-  return timers, facts, windows, key
+      fact = {"optimizer": name, "params": model.count_params(
+          state["params"]), "opt_state_bytes": harness.nbytes(
+              state["opt_state"])}
+      for kind, refresh in KINDS.get(family, {"": False}).items():
+        program = prog.train_steps[refresh]   # jitted: compiled once here
+        for suffix, count in (SHAMPOO if family == "shampoo" else {"": None}
+                              ).items():
+          label = f"{family}/{arm}{kind}{suffix}"
+          prepare = None if count is None else (
+              lambda s, c=count: harness.with_count(
+                  s, c, of=bcopt.ScaleByShampooBCState))
+          out[label] = harness.Runner(program, state, windows, key,
+                                      prepare=prepare, check=finite,
+                                      state_first=True)
+          if program is not out[label].compiled:
+            log(f"  {label}: compiled in {out[label].compile_s:.1f} s")
+          program, facts[label] = out[label].compiled, fact
+  # The plain step and the estimators, on the model and parameters of the
+  # last step (the same for every optimizer).
+  logits_fn, loss_fn = model.make_loss_fns(model_cfg)
+  step, tx = plain_step(settings(args, preset, "adamw"), loss_fn)
+  params = state["params"]
+  out["plain"] = harness.Runner(step, (params, tx.init(params)), windows, key,
+                                check=finite)
+  facts["plain"] = {"optimizer": "optax.adamw", "params": fact["params"],
+                    "opt_state_bytes": harness.nbytes(tx.init(params))}
+  keys = lambda k: jax.random.split(k, args.microbatches)
+  over_m = lambda f: jax.vmap(f, in_axes=(None, None, 0, 0))
+  for label, f in {
+      GRADIENTS: lambda p, w, k: jax.vmap(jax.grad(loss_fn), (None, 0))(p, w),
+      "estimator/gnb_diag": lambda p, w, k: over_m(bcopt.gnb_diag)(
+          logits_fn, p, w[..., :-1], keys(k)),
+      "estimator/hutchinson_diag": lambda p, w, k: over_m(
+          bcopt.hutchinson_diag)(loss_fn, p, w, keys(k))}.items():
+    out[label] = harness.Runner(lambda s, *a, f=f: (f(*a), s), jnp.zeros(()),
+                                params, windows, key, donate=False)
+  return out, facts
 
 
-def median_ratio(a: list, b: list) -> float:
-  return float(np.median(np.asarray(a) / np.asarray(b)))
-
-
-def measure(preset: str, shape: dict, rounds: int, max_seconds: float,
-            log) -> dict:
-  log(f"[step_time] {preset}: M={shape['M']} B={shape['B']} T={shape['T']}")
-  timers, facts, windows, key = make_timers(preset, shape, log)
-  for t in timers:           # warm-up
-    t.call(windows, key, record=False)
-    t.call(windows, key, record=False)
-  rng = np.random.default_rng(0)
-  t_start = time.time()
-  done = 0
-  for r in range(rounds):
-    for i in rng.permutation(len(timers)):
-      timers[i].call(windows, key)
-    done = r + 1
-    log(f"  round {done}/{rounds}: " + ", ".join(
-        f"{t.name} {t.wall[-1]:.3f}" for t in timers))
-    if done >= 3 and time.time() - t_start > max_seconds:
-      break
-  by = {t.name: t for t in timers}
-  steps = {}
-  for t in timers:
-    steps[t.name] = {
-        **facts[t.name], "rounds": len(t.wall),
-        "wall_median_s": float(np.median(t.wall)),
-        "wall_quartiles_s": [float(q) for q in np.percentile(t.wall, [25, 75])],
-        "cpu_median_s": float(np.median(t.cpu)),
-        "wall_s": [round(x, 5) for x in t.wall],
-        "cpu_s": [round(x, 5) for x in t.cpu]}
+def measure(args, preset: str, log) -> dict:
+  log(f"[step_time] {preset}: M={args.microbatches} B={args.microbatch_size}"
+      f" T={args.seq_len}")
+  rs, facts = runners(args, preset, log)
+  rounds = harness.time_rounds(rs, args.rounds, args.max_seconds,
+                               warmup=args.warmup, log=log)
+  steps = {name: {**harness.stats(r), "compile_s": round(r.compile_s, 2),
+                  "memory": harness.memory(r.compiled), **facts.get(name, {})}
+           for name, r in rs.items()}
   ratios = {}
-  for name, t in by.items():
-    if name == "plain" or "/bc" not in name:
-      continue
-    std = by[name.replace("/bc", "/std")]
-    mem_bc, mem_std = facts[name]["memory"], facts[std.name]["memory"]
-    ratios[name] = {
-        "vs": std.name,
-        "wall_ratio": median_ratio(t.wall, std.wall),
-        "cpu_ratio": median_ratio(t.cpu, std.cpu),
-        "wall_ratio_vs_plain": median_ratio(t.wall, by["plain"].wall),
-        "cpu_ratio_vs_plain": median_ratio(t.cpu, by["plain"].cpu),
-        "temp_bytes_bc_minus_std": mem_bc["temp_bytes"] - mem_std["temp_bytes"],
-        "opt_state_bytes_bc_minus_std": (facts[name]["opt_state_bytes"]
-                                         - facts[std.name]["opt_state_bytes"]),
-    }
-  for name in ("adamw/std", "sophia/std/nonrefresh", "shampoo/std/nonroot"):
-    ratios[name] = {"vs": "plain",
-                    "wall_ratio": median_ratio(by[name].wall, by["plain"].wall),
-                    "cpu_ratio": median_ratio(by[name].cpu, by["plain"].cpu)}
-  n_params = facts["plain"]["params"]
-  microbatch_grad_bytes = shape["M"] * facts["plain"]["param_bytes"]
-  extra = (facts["adamw/std"]["memory"]["temp_bytes"]
-           - facts["plain"]["memory"]["temp_bytes"])
-  return {
-      "preset": preset, "shape": shape, "params": n_params,
-      "tokens_per_step": shape["M"] * shape["B"] * shape["T"],
-      "steps": steps, "ratios": ratios,
-      "targets": {name: {"target": TARGET,
-                         "wall_ratio": ratios[name]["wall_ratio"],
-                         "cpu_ratio": ratios[name]["cpu_ratio"],
-                         "met_cpu": ratios[name]["cpu_ratio"] <= TARGET,
-                         "met_wall": ratios[name]["wall_ratio"] <= TARGET}
-                  for name in ("adamw/bc", "sophia/bc/nonrefresh")},
-      "microbatch_gradients": {
-          "M_x_param_bytes": microbatch_grad_bytes,
-          "temp_bytes_adamw_std_minus_plain": extra,
-          "note": "temp_bytes of the vmapped-gradient step (train.py adamw, "
-                  "cross-fit off) minus the full-batch optax.adamw step"},
-  }
+  for name, r in rs.items():
+    std = name.replace("/bc", "/std")
+    base = GRADIENTS if name.startswith("estimator/") else "plain"
+    ratios[name] = {f"vs_{base.split('/')[-1]}": harness.ratios(r, rs[base])}
+    if std != name:
+      ratios[name] |= {"vs_std": harness.ratios(r, rs[std]), **{
+          f"{k}_minus_std": steps[name][f][k] - steps[std][f][k]
+          for f, k in (("memory", "temp"), ("memory", "peak_bound"))},
+          "opt_state_bytes_minus_std": (steps[name]["opt_state_bytes"]
+                                        - steps[std]["opt_state_bytes"])}
+  targets = {name: {"target": TARGET, **{
+      k: ratios[name]["vs_std"][k] for k in ("wall_paired", "cpu_paired")}}
+             for name in TARGETS if name in ratios}
+  for t in targets.values():
+    t |= {"met_wall": t["wall_paired"] <= TARGET,
+          "met_cpu": t["cpu_paired"] <= TARGET}
+  shape = (args.microbatches, args.microbatch_size, args.seq_len)
+  return {"preset": preset, "params": steps["plain"]["params"],
+          "rounds": rounds, "shape": dict(zip("MBT", shape)),
+          "tokens_per_step": math.prod(shape), "steps": steps,
+          "ratios": ratios, "targets": targets,
+          "microbatch_gradients_bytes": args.microbatches * harness.nbytes(
+              rs["plain"].state[0])}
 
 
-def print_summary(res: dict) -> None:
-  print(f"\n{res['preset']}: {res['params']:,} params, "
-        f"{res['tokens_per_step']} tokens/step")
-  print(f"{'step':26} {'wall ms':>9} {'cpu ms':>9} {'temp MiB':>9} "
-        f"{'state MiB':>9}")
-  for name, s in res["steps"].items():
-    print(f"{name:26} {1e3 * s['wall_median_s']:9.1f} "
-          f"{1e3 * s['cpu_median_s']:9.1f} "
-          f"{s['memory']['temp_bytes'] / 2**20:9.1f} "
-          f"{s['opt_state_bytes'] / 2**20:9.2f}")
-  print(f"{'ratio (median per round)':26} {'wall':>9} {'cpu':>9} "
-        f"{'wall/plain':>10} {'cpu/plain':>10}")
-  for name, r in res["ratios"].items():
-    label = f"{name} / {'plain' if r['vs'] == 'plain' else 'std'}"
-    print(f"{label:26} "
-          f"{r['wall_ratio']:9.3f} {r['cpu_ratio']:9.3f} "
-          f"{r.get('wall_ratio_vs_plain', float('nan')):10.3f} "
-          f"{r.get('cpu_ratio_vs_plain', float('nan')):10.3f}")
-  mg = res["microbatch_gradients"]
-  print(f"microbatch gradients: M x params x 4 B = "
-        f"{mg['M_x_param_bytes'] / 2**20:.1f} MiB; temp(adamw std) - "
-        f"temp(plain) = {mg['temp_bytes_adamw_std_minus_plain'] / 2**20:.1f} MiB")
+def markdown(res: dict) -> str:
+  """One preset's table and target check."""
+  pair = lambda r: f"{r['wall_paired']:.3f} / {r['cpu_paired']:.3f}"
+  rows = [[name, f"{s['median_ms']:.4g}", f"{s['cpu_median_ms']:.4g}",
+           *(pair(r[k]) if k in r else "" for r in [res["ratios"].get(
+               name, {})] for k in ("vs_std", "vs_plain", "vs_gradients")),
+           f"{s['memory']['temp'] / 2**20:.1f}",
+           f"{s['opt_state_bytes'] / 2**20:.2f}" if "opt_state_bytes" in s
+           else ""] for name, s in res["steps"].items()]
+  word = lambda met: "met" if met else "missed"
+  return "\n".join([
+      f"### `{res['preset']}`: {res['params']:,} parameters, M x B x T = "
+      + " x ".join(map(str, res["shape"].values()))
+      + f", {res['rounds']} rounds", "",
+      harness.table(["program", "wall ms", "CPU ms", "x std", "x plain",
+                     "x gradients", "temp MiB", "opt state MiB"], rows), "",
+      "Ratios: medians of the per-round ratios, wall / CPU time. Target: at "
+      f"most {TARGET}x std" + "".join(
+          f"; {name}: wall {t['wall_paired']:.3f} ({word(t['met_wall'])}), "
+          f"CPU {t['cpu_paired']:.3f} ({word(t['met_cpu'])})"
+          for name, t in res["targets"].items())
+      + ". The M microbatch gradients take "
+      f"{res['microbatch_gradients_bytes'] / 2**20:.1f} MiB."])
 
 
-def main(argv=None) -> None:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--presets", nargs="+", default=["tiny", "small"],
-                 choices=sorted(model_lib.PRESETS))
-  p.add_argument("--microbatches", type=int, default=8)
-  p.add_argument("--microbatch-size", type=int, default=2)
-  p.add_argument("--seq-len", type=int, default=128)
-  p.add_argument("--rounds", type=int, default=15)
-  p.add_argument("--max-seconds", type=float, default=900.0,
-                 help="per preset: stop the rounds after this (>= 3 rounds)")
-  p.add_argument("--quick", action="store_true", help="3 rounds of tiny")
-  p.add_argument("--out", type=pathlib.Path)
+def parse_args(argv=None) -> argparse.Namespace:
+  p = harness.parser(MODULE, __doc__)
+  add = p.add_argument
+  add("--presets", nargs="+", choices=sorted(model.PRESETS),
+      help="default: tiny small (tiny with --quick)")
+  add("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+  add("--model", action="append", default=[], metavar="FIELD=VALUE",
+      help="override a model field, as in the example")
+  add("--microbatches", type=int, default=8)
+  add("--microbatch-size", type=int, default=2)
+  add("--seq-len", type=int, default=128)
+  add("--rounds", type=int, help="default 15 (3 with --quick)")
+  add("--max-seconds", type=float, default=900.0,
+      help="per preset: stop the rounds after this (>= 3 rounds)")
+  add("--warmup", type=int, default=2, help="untimed calls per program")
+  add("--fast-compile", action="store_true",
+      help="the example's --fast-compile (smoke tests)")
+  add("--quick", action="store_true", help="3 rounds of tiny; no RESULTS.md"
+      " section")
+  add("--out", help="JSON path (default benchmarks/results/"
+      "step_time[_quick].json)")
   args = p.parse_args(argv)
-  if args.quick:
-    args.presets, args.rounds = ["tiny"], 3
-  out = args.out or ROOT / "benchmarks" / "results" / (
-      "step_time_quick.json" if args.quick else "step_time.json")
-  shape = {"M": args.microbatches, "B": args.microbatch_size,
-           "T": args.seq_len}
-  env = environment()
-  log = lambda s: print(s, flush=True)
-  t0, c0 = time.time(), time.process_time()
-  results = {"command": "python benchmarks/step_time.py " + " ".join(
-      shlex.quote(a) for a in argv), "environment": env, "presets": {}}
+  args.presets = args.presets or (["tiny"] if args.quick else ["tiny", "small"])
+  args.rounds = args.rounds or (3 if args.quick else 15)
+  for preset in args.presets:     # the example's own checks, nothing built
+    for family in args.families:
+      config.validate(settings(args, preset, f"{family}_bc"))
+    config.model_config(settings(args, preset, "adamw"), data.BYTE_VOCAB)
+  args.out = args.out or str(harness.RESULTS_DIR / (
+      f"step_time{'_quick' if args.quick else ''}.json"))
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  env = harness.environment()
+  result = {"command": harness.command(MODULE, argv), "environment": env, "config": vars(args), "presets": {}}
   for preset in args.presets:
-    res = measure(preset, shape, args.rounds, args.max_seconds, log)
-    results["presets"][preset] = res
-    print_summary(res)
-    env["loadavg_end"] = list(os.getloadavg())
-    env["wall_s"] = round(time.time() - t0, 1)
-    env["process_cpu_s"] = round(time.process_time() - c0, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")   # after each preset
-  print(f"\nwrote {out} ({env['wall_s']:.0f} s, load "
+    res = result["presets"][preset] = measure(
+        args, preset, lambda s: print(s, flush=True))
+    res["markdown"] = markdown(res)
+    print(res["markdown"], flush=True)
+    harness.write_json(args.out, {**result, "environment": harness.finish(
+        env)})   # after each preset
+  if not args.quick:
+    harness.write_section("step_time", f"## Train-step cost (`"
+                          f"{result['command']}`)\n\n" + "\n\n".join(
+                              r["markdown"] for r in result["presets"].values()))
+  print(f"wrote {args.out} ({env['wall_s']:.0f} s, load "
         f"{env['loadavg_start'][0]:.1f} -> {env['loadavg_end'][0]:.1f})")
+  return result
 
 
 if __name__ == "__main__":

@@ -475,9 +475,7 @@ def report(families: dict, ref) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = harness.parser(MODULE, __doc__)
   p.add_argument("--family", nargs="+", choices=FAMILIES,
                  default=list(FAMILIES))
   p.add_argument("--ref", metavar="COMMIT", help="also time bcopt at COMMIT"

@@ -6,6 +6,7 @@ import pathlib
 import shlex
 import statistics
 import subprocess
+import sys
 import types
 
 import jax
@@ -116,6 +117,20 @@ def test_nbytes_and_with_count():
   counts = [s.count for s in state if "count" in getattr(s, "_fields", ())]
   assert len(counts) == 2 and all(int(c) == 7 for c in counts)
   assert all(c.dtype == jnp.int32 for c in counts)
+  only = harness.with_count(tx.init({"w": jnp.zeros(2)}), 5,
+                            of=optax.ScaleByAdamState)
+  assert [int(s.count) for s in only
+          if "count" in getattr(s, "_fields", ())] == [5, 0]
+
+
+def test_runner_of_a_jitted_step_returning_state_first():
+  step = jax.jit(lambda s, x: (s + x, s.sum()), donate_argnums=0)
+  state = jnp.arange(3.0)
+  r = harness.Runner(step, state, jnp.ones(3), state_first=True)
+  assert r.compile_s > 0 and isinstance(r.compiled, jax.stages.Compiled)
+  assert float(r()) == 3.0 and float(r()) == 6.0
+  np.testing.assert_array_equal(r.state, np.arange(3.0) + 2)
+  np.testing.assert_array_equal(state, np.arange(3.0))  # a copy was donated
 
 
 def test_write_json_is_atomic(tmp_path, monkeypatch):
@@ -171,13 +186,23 @@ def test_write_section_rereads_the_file(tmp_path):
     [], ["--quick"], ["--ref", "HEAD~1", "--sizes", "2M", "16M"],
     ["--note", "it's a \"test\"", "", "{out}", "a b;c"],
 ])
-def test_command_round_trip(argv):
+def test_command_round_trip(argv, monkeypatch):
+  monkeypatch.setattr(sys, "argv", ["prog", *argv])
+  assert harness.command("m") == harness.command("m", argv)
+  assert harness.command("m", ["--out", "{out}", "{x}"], verbatim=(
+      "{out}",)) == "python -m m --out {out} '{x}'"
   cmd = harness.command("benchmarks.update_cost", argv)
   assert shlex.split(cmd) == ["python", "-m", "benchmarks.update_cost",
                               *argv]
   assert harness.command_argv(cmd, "benchmarks.update_cost") == argv
   with pytest.raises(ValueError):
     harness.command_argv(cmd, "examples.lm.train")
+
+
+def test_parser():
+  p = harness.parser("benchmarks.x", "First paragraph\nof two lines.\n\nMore.")
+  assert p.prog == "python -m benchmarks.x"
+  assert p.description == "First paragraph\nof two lines."
 
 
 def test_table():
