@@ -1,10 +1,6 @@
-"""Plumbing shared by the benchmark scripts, which hold only their
-measurement and report: environment and git capture (:func:`environment`,
-:func:`finish`), interleaved timing (:class:`Runner`, :func:`time_rounds`,
-:func:`stats`, :func:`ratios`), memory figures (:func:`memory`,
-:func:`nbytes`), atomic JSON (:func:`write_json`), RESULTS.md sections
-(:func:`write_section`), recorded commands (:func:`command`) and markdown
-tables (:func:`table`).
+"""Plumbing shared by the benchmark scripts: environment and git capture,
+interleaved timing (:class:`Runner`, :func:`time_rounds`), memory figures,
+atomic JSON, RESULTS.md sections, flags, recorded commands and tables.
 """
 
 from __future__ import annotations
@@ -106,17 +102,15 @@ def finish(env: dict[str, Any]) -> dict[str, Any]:
 # Timing --------------------------------------------------------------------
 
 class Runner:
-  """A compiled ``fn(state, *args) -> (out, state)`` with its state fed back
-  (``-> (state, out)`` with ``state_first``, as the LM example's steps).
+  """A compiled ``fn(state, *args) -> (out, state)`` (``(state, out)`` with
+  ``state_first``) with its state fed back.
 
-  ``fn`` is compiled here (``compile_s``; jitted with a copy of ``state``
-  donated unless ``donate=False``, or as it is if already jitted: its own
-  donation and compiler options), or is a ``jax.stages.Compiled`` already
-  (one program shared by runners with their own states). Each call runs
-  ``prepare(state)`` first (untimed, e.g. :func:`with_count`), times the
-  compiled call to ``block_until_ready`` of its outputs in wall and process
-  CPU seconds (all threads; on a shared machine the CPU time also excludes
-  waiting for a core), then ``check(out)`` (e.g. raise on a NaN loss).
+  ``fn`` is compiled here (``compile_s``; a copy of ``state`` donated unless
+  ``donate=False``; an already jitted ``fn`` keeps its own options), or is a
+  ``jax.stages.Compiled`` shared with other runners. A call runs
+  ``prepare(state)`` (untimed), times the compiled call to
+  ``block_until_ready`` in wall and process CPU seconds (all threads; CPU
+  time excludes waiting for a core), then ``check(out)``.
   """
 
   def __init__(self, fn: Callable, state: Any, *args: Any, donate=True,

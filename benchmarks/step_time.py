@@ -1,24 +1,16 @@
 r"""Train-step cost of the bias-corrected optimizers on the LM example.
 
-Timed on a preset of the example, interleaved in one process (the harness:
-programs compiled once, state donated and fed back, rounds of one call
-each, wall and process CPU time; XLA's memory figures):
-
-* the example's train steps (``train.build``) of each family's ``std``
-  (``--optimizer FAMILY``) and ``bc`` (``FAMILY_bc``) arm; Sophia's refresh
-  and non-refresh steps (two programs), Shampoo's root and non-root steps
-  (one program, the count of its ``ScaleByShampooBCState`` set before each
-  call);
-* ``plain``: the step without bcopt, the gradient of the mean loss over the
-  whole batch, ``optax.clip_by_global_norm`` and ``optax.adamw`` with the
-  example's hyperparameters and schedule;
-* the curvature estimators, one ``vmap(bcopt.gnb_diag)`` pass (what a
-  Sophia refresh adds) and one ``vmap(bcopt.hutchinson_diag)`` pass over
-  the M microbatches, against one gradient pass ``vmap(grad(loss))``.
-
-Reported: medians, medians of the per-round ratios ``bc / std``, ``/ plain``
-and ``/ gradients``, and issue 6's target (AdamW-BC and Sophia-BC
-non-refresh steps at most ``TARGET`` x ``std``). Batches are random tokens.
+On a preset with random tokens, timed interleaved in one process
+(``benchmarks.harness``: compiled once, state donated and fed back, wall and
+process CPU time, XLA's memory figures): each family's ``std`` and ``bc``
+train steps of the example (``train.build``; Sophia refresh / non-refresh,
+Shampoo root / non-root as one program with its count set before each
+call), ``plain`` (full-batch gradient, clip and ``optax.adamw`` with the
+example's settings), and one ``vmap`` of ``bcopt.gnb_diag`` and of
+``bcopt.hutchinson_diag`` over the microbatches against one of
+``grad(loss)``. Reported: medians, medians of the per-round ratios ``/
+std``, ``/ plain`` and ``/ gradients``, issue 6's ``TARGET``. The cost model
+and past numbers: docs/performance.md.
 
 Usage (results in ``benchmarks/results/step_time[_quick].json``; without
 ``--quick`` also the ``step_time`` section of RESULTS.md)::
@@ -30,8 +22,7 @@ Usage (results in ``benchmarks/results/step_time[_quick].json``; without
 
 import os
 
-# Before numpy loads SciPy's OpenBLAS (LAPACK eigh of Shampoo's roots), as
-# in update_cost: its busy-waiting threads slow eigh on a loaded machine.
+# Before numpy loads SciPy's OpenBLAS, as in update_cost (Shampoo's eigh).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -239,7 +230,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   env = harness.environment()
-  result = {"command": harness.command(MODULE, argv), "environment": env, "config": vars(args), "presets": {}}
+  result = {"command": harness.command(MODULE, argv), "environment": env,
+            "config": vars(args), "presets": {}}
   for preset in args.presets:
     res = result["presets"][preset] = measure(
         args, preset, lambda s: print(s, flush=True))

@@ -1,56 +1,31 @@
 r"""Cost of one optimizer update: bcopt's three families against optax.
 
-Every cell (a family at one size and M) compiles its variants, then times
-them interleaved in one process (``benchmarks.harness``: optimizer state
-donated and fed back as in a train step, compile and ``--warmup`` calls
-excluded, rounds in which every variant runs once with the start rotated,
-``block_until_ready``, wall and process-CPU time per call; a cell stops
-after ``--max-seconds`` once it has 3 rounds). Reported: medians and
-quartiles, ratios to the baselines (of the medians, and the median of the
-per-round ratios), XLA's memory figures of each compiled program, state
-bytes; the JSON records the load average at the start of every cell.
+Every cell (a family at one size and M) compiles its variants and times them
+interleaved in one process (``benchmarks.harness``: state donated and fed
+back, compile and ``--warmup`` calls excluded, rotated rounds of one call
+each, wall and process CPU time; a cell stops after ``--max-seconds`` once
+it has 3 rounds). Reported: medians and quartiles, ratios to the baselines
+(of the medians and per round), XLA's memory figures and per-parameter cost
+analysis, state bytes, each cell's load average. The cost models and the
+XLA:CPU effects behind the numbers: docs/performance.md.
 
-* ``adam``: ``bcopt.scale_by_adam_bc`` for every cross-fit scheme with the
-  jackknife, LOO without a correction and the standard variant (optax's rule
-  through bcopt), against ``optax.scale_by_adam`` on the mean of the same
-  microbatched gradients taken (a) by ``jnp.mean(g, 0)``, what a user
-  writes, and (b) by ``bcopt.microbatch_mean``; also a global-norm clip in
-  front (bcopt's on the microbatches, optax's on the mean). On XLA:CPU (jax
-  0.10) (a)'s reduction over the leading axis is a single-threaded YNNPACK
-  kernel, several times slower than the fused mean of (b)
-  (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce`` turns it
-  off). Trees are LM-shaped (tied embedding; per layer two norm scales,
-  fused QKV, attention output, MLP in and out). Every statistic reduces the
-  M values of one coordinate, so a fused update moves ``4 M + 20`` bytes per
-  float32 parameter in every variant; ``xla_per_param`` is XLA's own cost
-  analysis of the CPU program, which counts every kernel's operands.
-* ``sophia``: ``bcopt.scale_by_sophia_bc`` (LOO + jackknife; standard) on a
-  refresh step (``curvature=`` given) and a cached-inverse step, against
-  the same baselines, Adam-BC and ``optax.contrib.sophia`` on the mean (its
-  Hessian estimator returns the mean of the same curvature estimates; weight
-  decay 0, learning rate 1) on refresh and no-refresh steps; amortized over
-  a refresh every ``REFRESH_EVERY`` steps.
-* ``shampoo``: one ``d x d`` parameter (one tile), each variant of
-  ``SHAMPOO`` on a root step and a non-root step (one compiled program, the
-  step counter set before each call, untimed), ``optax.adam`` on the mean,
-  one ``eigh`` of a factor and one projection ``Q_L^T G_j Q_R``
-  (``bcopt._src.shampoo._project``, the correction's unit of work).
-  ``memory_step_only``: XLA's buffer assignment of the step compiled with
-  its counter fixed, so that XLA removes the ``lax.cond`` branch not taken
-  (the timed program holds both). Cost model: the twofold jackknife
-  projects ``1.5 M`` microbatches (``M`` for the roots, ``M / 2`` for the
-  candidate), so it should add about ``1.5 M x projection / root step``;
-  ``eigh_in_projections`` (``E``) is the exchange rate, and a correction
-  below 30% at ``M = 16`` needs ``E >= 18.75``. ``OPENBLAS_NUM_THREADS`` is
-  set to 1 before numpy starts unless already set: SciPy's OpenBLAS (LAPACK
-  ``eigh``) busy-waits its threads, and on a loaded machine an ``eigh`` of
-  256 x 256 then takes 1-2 s instead of 4 ms.
+* ``adam``: ``scale_by_adam_bc`` in each scheme of ``ADAM`` on LM-shaped
+  trees (``SIZES``), against ``optax.scale_by_adam`` on the mean taken by
+  (a) ``jnp.mean(g, 0)`` and (b) ``bcopt.microbatch_mean``; also behind a
+  global-norm clip (bcopt's on the microbatches, optax's on the mean).
+* ``sophia``: ``scale_by_sophia_bc`` (``SOPHIA``) on refresh and
+  cached-inverse steps against (a), (b), Adam-BC and
+  ``optax.contrib.sophia`` on the mean; amortized over ``REFRESH_EVERY``.
+* ``shampoo``: one ``d x d`` parameter, each of ``SHAMPOO`` on a root and a
+  non-root step (one program, its count set before each call, untimed),
+  ``optax.adam``, one ``eigh`` and one projection (the correction's unit);
+  ``memory_step_only``: each step compiled with its count fixed.
 
-``--ref COMMIT`` also times bcopt at COMMIT (extracted as the package
-``bcopt_ref``) against the working tree's, interleaved: every variant that
-runs bcopt code gets a twin ``NAME @ref``, a ratio ``vs.ref`` and
-``bitwise_equal_ref``: whether both versions' first outputs (updates and new
-state, from equal initial states and inputs) are equal bit for bit.
+``--ref COMMIT`` also times bcopt at COMMIT (as the package ``bcopt_ref``),
+interleaved: every variant running bcopt code gets a twin ``NAME @ref``, a
+ratio ``vs.ref`` and ``bitwise_equal_ref`` (first outputs equal bit for
+bit). ``OPENBLAS_NUM_THREADS`` is 1 unless set: OpenBLAS's busy-waiting
+threads make LAPACK ``eigh`` very slow on a loaded machine.
 
 Usage (results in ``benchmarks/results/update_cost[_quick|_ref].json``; a
 run without ``--quick`` or ``--ref`` also writes its RESULTS.md section)::
@@ -117,26 +92,17 @@ SOPHIA = {  # name: (cross_fit, inverse_correction) of scale_by_sophia_bc
 }
 CONTRIB = "optax.contrib.sophia on the mean"
 REFRESH, CACHED = ", refresh", ", no refresh"
-# name: the transform, from a bcopt version (the working tree's or --ref's).
-# "X + jackknife" is compared with "X" for the correction's cost; a
-# variance_groups=K option or a SOAP transform is one more entry.
-SHAMPOO = {
-    "standard": lambda lib: lib.scale_by_shampoo_bc(
-        cross_fit=None, inverse_correction=None),
-    "standard + jackknife": lambda lib: lib.scale_by_shampoo_bc(
-        cross_fit=None, inverse_correction="jackknife"),
-    "twofold": lambda lib: lib.scale_by_shampoo_bc(
-        cross_fit="twofold", inverse_correction=None),
-    "twofold + jackknife": lambda lib: lib.scale_by_shampoo_bc(
-        cross_fit="twofold", inverse_correction="jackknife"),
-}
+# name: (cross_fit, inverse_correction) of scale_by_shampoo_bc; "X +
+# jackknife" is compared with "X" for the correction's cost.
+SHAMPOO = {"standard": (None, None),
+           "standard + jackknife": (None, "jackknife"),
+           "twofold": ("twofold", None),
+           "twofold + jackknife": ("twofold", "jackknife")}
 STEPS = {"root": 0, "non-root": 1}  # step kind: count before the call
 EIGH, PROJECTION, ADAM_MEAN = "one eigh", "one projection", "optax.adam"
 
 
-# ----------------------------------------------------------------------------
-# Inputs, functions, the reference version
-
+# Inputs, functions, the reference version ---------------------------------
 
 def lm_gradients(size: str, m: int, seed: int = 0) -> dict[str, jax.Array]:
   """Synthetic microbatched gradients (leaves ``(M, *shape)``) of an
@@ -220,9 +186,7 @@ def xla_per_param(compiled, n: int) -> dict[str, float]:
           for k in ("bytes accessed", "flops", "transcendentals") if k in cost}
 
 
-# ----------------------------------------------------------------------------
-# Cells
-
+# Cells ----------------------------------------------------------------------
 
 def chosen(args, name: str) -> bool:
   """Whether ``--variants`` selects ``name`` (baselines always)."""
@@ -349,7 +313,8 @@ def shampoo_cell(d: int, m: int, libs: dict, args) -> dict:
            jnp.zeros(()), q, grads["w"][:1], q, donate=False)
   for tag, lib in libs.items():
     for name in filter(lambda name: chosen(args, name), SHAMPOO):
-      tx = SHAMPOO[name](lib)
+      cf, ic = SHAMPOO[name]
+      tx = lib.scale_by_shampoo_bc(cross_fit=cf, inverse_correction=ic)
       program = update(tx)
       for kind, count in STEPS.items():
         prepare = lambda s, c=count: harness.with_count(s, c)
@@ -392,9 +357,7 @@ def shampoo_summary(v: dict, m: int) -> dict:
 CELLS = {"adam": adam_cell, "sophia": sophia_cell, "shampoo": shampoo_cell}
 
 
-# ----------------------------------------------------------------------------
-# Report
-
+# Report ---------------------------------------------------------------------
 
 def label(cell: dict) -> str:
   where = f"{cell['size']}" if "size" in cell else f"d={cell['d']}"
@@ -470,9 +433,7 @@ def report(families: dict, ref) -> str:
   return "\n".join(out)
 
 
-# ----------------------------------------------------------------------------
-# Driver
-
+# Driver ---------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = harness.parser(MODULE, __doc__)
