@@ -1,32 +1,26 @@
-r"""Does bias correction pay? A fairly tuned, seeded comparison on the LM example.
+r"""Does bias correction pay? A tuned, seeded comparison on the LM example.
 
-Every run trains the LM example (a subprocess, ``lm_runs``) with the same
-model, data and steps; only the optimizer arm, the learning rate and the
-seed change (docs/quality.md). Per family, the main arms ``std``
-(``--optimizer FAMILY``) and ``bc`` (``FAMILY_bc``) each get the rate that
-is best on the **validation** plays with seed 0, from a factor-2 grid
-extended past an edge holding the best value (at most ``MAX_EXTEND``
-times); then more seeds, the ablations ``cf`` (cross-fit only), ``inv``
-(inverse correction only) and ``paper`` (the reference code's variant) at
-the ``bc`` rate, and for AdamW ``std`` and ``bc`` on noisy data. Arms are
-compared on the **test** plays, paired by seed.
+Every cell trains the example once (a subprocess, ``lm_runs``) with the
+same model, data and steps; only the arm, learning rate and seed change.
+Per family, ``std`` and ``bc`` get the rate best on the validation plays
+(seed 0, ``LR_GRID`` extended past an edge at most ``MAX_EXTEND`` times);
+then seeds of every arm (the ablations ``cf``, ``inv`` and ``paper`` at the
+``bc`` rate; AdamW also on noisy data), compared on the test plays, paired
+by seed. The protocol and the findings: docs/quality.md.
 
-Results: ``benchmarks/results/lm_quality.json``, one record per run, written
-after each (recorded cells are skipped and an interrupted run resumes, so a
-stopped grid continues); a record's ``command`` reruns it with its output
-folder as ``{out}``. Curves go to ``lm_quality_curves.json``; the report
-(RESULTS.md section, ``lm_quality.png``) is rebuilt from the records.
+Results: ``benchmarks/results/lm_quality.json``, a record per run written
+after it (recorded cells are skipped, interrupted runs resume), whose
+``command`` reruns it into ``{out}``; curves in ``lm_quality_curves.json``;
+the RESULTS.md section and ``lm_quality.png`` are rebuilt from the records.
 
-Usage::
+Usage (on an accelerator add e.g. ``--preset small --devices N --steps
+2000``; only cells of matching settings are reused)::
 
   python -m benchmarks.lm_quality --quick          # adamw vs adamw_bc, seed 0
   python -m benchmarks.lm_quality                  # the grid (hours on CPU)
   python -m benchmarks.lm_quality --families adamw # one family
   python -m benchmarks.lm_quality --report-only    # RESULTS.md + PNG from JSON
   python -m benchmarks.lm_quality --verify 6       # rerun 6 records, compare
-
-On an accelerator add e.g. ``--preset small --devices N --steps 2000``;
-records carry their settings, and only matching cells are reused.
 """
 
 from __future__ import annotations
@@ -62,6 +56,11 @@ NOISE = 0.2
 LIGHT_LOAD = 4.0    # report: runs started below this 1-minute load average
 QUICK_LR = 3e-3     # --quick, before the full grid has chosen: both arms
 REPRODUCE_TOLERANCE = 0.02  # a record's command must give its losses to this
+SHAPE = ("steps", "microbatches", "microbatch_size", "seq_len")
+# Results (--quick's stay out of the committed ones: it always trains) and
+# run folders, without and with --quick, relative to the root.
+RESULTS = ("benchmarks/results/lm_quality.json", "runs/lm_quality_quick.json")
+RUNS = ("runs/lm_quality", "runs/lm_quality_quick")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +84,7 @@ class Setting:
                           "checkpoint_every": 0, "progress": "off"})
 
   def matches(self, record: dict) -> bool:
-    return all(record.get(k) == getattr(self, k) for k in
-               ("preset", "steps", "microbatches", "microbatch_size",
-                "seq_len"))
+    return all(record.get(k) == getattr(self, k) for k in ("preset", *SHAPE))
 
 
 def arm_flags(family: str, arm: str) -> list[str]:
@@ -200,11 +197,8 @@ def save_curve(path: pathlib.Path, name: str, out: pathlib.Path) -> None:
 
 def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
              runs_dir: pathlib.Path, runner=None) -> dict:
-  """Runs one cell unless the results file has it; returns its record.
-
-  ``runner(argv) -> summary`` trains (default: a subprocess; see
-  ``lm_runs.run``, which also gives the record's ``code``).
-  """
+  """Runs one cell unless the results file has it; returns its record
+  (``runner``: see ``lm_runs.run``)."""
   existing = find(load_runs(results), cell, setting)
   if existing is not None:
     return existing
@@ -212,13 +206,12 @@ def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
   print(f"[lm_quality] {cell.name} (load {os.getloadavg()[0]:.1f})",
         flush=True)
   s = lm_runs.run(lm_runs.argv_of(command, out), runner, replace=True)
-  shape = ("steps", "microbatches", "microbatch_size", "seq_len")
   record = {
       "data": cell.data, "family": cell.family, "variant": cell.variant,
       "lr": cell.lr, "seed": cell.seed, "final_val_loss": s.get(
           "final_val_loss"), "final_eval_loss": s.get("final_eval_loss"),
-      **{k: getattr(setting, k) for k in shape},
-      "tokens": s.get("tokens", math.prod(getattr(setting, k) for k in shape)),
+      **{k: getattr(setting, k) for k in SHAPE},
+      "tokens": s.get("tokens", math.prod(getattr(setting, k) for k in SHAPE)),
       "wall_s": s.get("wall_s"), "command": command,
       # Context: status, preset, the run's wall and CPU seconds (imports and
       # compilation included), load average at its start, code.
@@ -237,10 +230,9 @@ def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
 
 def rerun_unversioned(results: pathlib.Path, setting: Setting,
                       families, run) -> int:
-  """Re-runs, with the current code, every record of ``families`` (and of
-  this setting) without a ``code`` field (made before records said which
-  code made them); the old record moves to ``superseded``. Returns the
-  number re-run. ``run(cell) -> record`` as in :func:`run_family`."""
+  """Re-runs the records of ``families`` (and this setting) that have no
+  ``code`` (older code made them), moving them to ``superseded``; returns
+  how many. ``run(cell) -> record`` as in :func:`run_family`."""
   stale = [r for r in load_runs(results) if "code" not in r
            and r["family"] in families and setting.matches(r)]
   for r in stale:
@@ -251,14 +243,10 @@ def rerun_unversioned(results: pathlib.Path, setting: Setting,
 
 def verify(results: pathlib.Path, runs_dir: pathlib.Path, count: int,
            runner=None, tolerance: float = REPRODUCE_TOLERANCE) -> dict:
-  """Re-runs ``count`` recorded runs from their ``command``; compares losses.
-
-  The runs are spread evenly over the results file (its oldest and newest
-  records included), so the check covers records made by older code too.
-  Returns ``{"tolerance", "checks", "max_abs_diff", "ok"}``, each check with
-  the record's cell, command and code, and its recorded and re-run test and
-  validation losses and their differences (re-run - recorded).
-  """
+  """Re-runs ``count`` records spread over the file (the oldest and newest
+  included) from their ``command``. Returns ``{"tolerance", "checks",
+  "max_abs_diff", "ok"}``, a check per record: its cell, command, code and
+  recorded and re-run losses (``diff``: re-run - recorded)."""
   runs = [r for r in load_runs(results) if r.get("status", "ok") == "ok"]
   if not runs:
     raise ValueError(f"{results} has no finished runs to verify")
@@ -293,11 +281,9 @@ def val_loss(record: dict | None) -> float:
 
 
 def choose_lr(family: str, arm: str, setting: Setting, run) -> tuple:
-  """Seed-0 search; ``run(cell) -> record``. Returns (best lr, tried lrs).
-
-  Starts from ``LR_GRID[family]`` and extends by factors of 2 past an edge
-  holding the best validation loss, at most ``MAX_EXTEND`` times.
-  """
+  """Seed-0 search from ``LR_GRID[family]``, extended by factors of 2 past
+  an edge holding the best validation loss (at most ``MAX_EXTEND`` times);
+  ``run(cell) -> record``. Returns (best lr, tried lrs)."""
   grid = sorted(LR_GRID[family])
   scores = {}
   for _ in range(MAX_EXTEND + 1):
@@ -316,10 +302,7 @@ def choose_lr(family: str, arm: str, setting: Setting, run) -> tuple:
 
 
 def selected_lrs(runs: list[dict], setting: Setting, family: str) -> dict:
-  """{arm: lr} chosen from the seed-0 clean runs of the results file.
-
-  The same rule as ``choose_lr`` applied to what has been run.
-  """
+  """{arm: lr}: ``choose_lr``'s rule on the seed-0 clean records."""
   chosen = {}
   for arm in MAIN_ARMS:
     scores = {r["lr"]: val_loss(r)
@@ -339,12 +322,9 @@ def quick_lrs(results: pathlib.Path, setting: Setting) -> dict:
 def run_family(family: str, setting: Setting, seeds: int, run,
                noise: bool, arms: tuple[str, ...] = MAIN_ARMS + ABLATIONS
                ) -> None:
-  """The learning-rate search of both main arms, then seeds ``0 .. seeds-1``
-  of every arm in ``arms`` (and of the noisy main arms if ``noise``).
-
-  ``arms`` only narrows the seeded cells (for example more seeds for a few
-  arms); the search always runs, since every arm's rate comes from it.
-  """
+  """The learning-rate search of both main arms (always: every rate comes
+  from it), then seeds ``0 .. seeds-1`` of ``arms`` (and of the noisy main
+  arms if ``noise``)."""
   lrs = {arm: choose_lr(family, arm, setting, run)[0] for arm in MAIN_ARMS}
   print(f"[lm_quality] {family}: chosen learning rates {lrs}", flush=True)
   main_arms = [arm for arm in MAIN_ARMS if arm in arms]
@@ -375,8 +355,7 @@ def summarize(runs: list[dict], setting: Setting) -> dict:
     fam = out[family] = {"lr": lrs, "arms": {}, "diffs": {}, "noise": None}
     fam["grid"] = {arm: sorted((r["lr"], r["final_val_loss"]) for r in select(
         runs, setting, family, arm, seed=0)) for arm in MAIN_ARMS}
-    # Settled: the choose_lr rule would stop here (optimum inside the
-    # tried rates, or the extension budget used up).
+    # Settled: choose_lr would stop here (inside, or the budget used up).
     fam["settled"] = {
         arm: len(pts) >= len(LR_GRID[family]) and (
             lrs.get(arm) not in (pts[0][0], pts[-1][0])
@@ -410,98 +389,91 @@ def summarize(runs: list[dict], setting: Setting) -> dict:
 def report_markdown(runs: list[dict], setting: Setting, summary: dict,
                     png: str, results_name: str) -> str:
   """The ``lm_quality`` section of RESULTS.md (without its markers)."""
-  fmt_diff = lambda p: lm_runs.fmt(p, sign="+", one=" (1 seed)")
-  fmt_improved = lambda p: "-" if p is None else f"{p['improved']}/{p['n']}"
-  fmt_loss = lambda x: ("-" if x is None or not math.isfinite(x)
-                        else f"{x:.4f}")
+  diff = lambda p: lm_runs.fmt(p, sign="+", one=" (1 seed)")
+  improved = lambda p: "-" if p is None else f"{p['improved']}/{p['n']}"
+  loss = lambda x: "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
   sel = [r for r in runs if setting.matches(r)]
   ok = [r for r in sel if r.get("wall_s") is not None]
-  lines = ["## Quality: does bias correction pay? "
-           "(`benchmarks/lm_quality.py`)", ""]
+  head = "## Quality: does bias correction pay? (`benchmarks/lm_quality.py`)"
   if not sel:
-    return "\n".join(lines + [f"No runs yet: `python -m {MODULE}`."])
+    return f"{head}\n\nNo runs yet: `python -m {MODULE}`."
   tokens = setting.microbatches * setting.microbatch_size * setting.seq_len
   walls = [r["wall_s"] for r in ok]
   cpus = [r["cpu_s"] for r in ok if r.get("cpu_s") is not None]
   loads = [r["loadavg_1m"] for r in sel if r.get("loadavg_1m") is not None]
   light = [r["wall_s"] for r in ok if r.get("loadavg_1m", 99) < LIGHT_LOAD]
-  lines += [
-      f"`{setting.preset}` preset, {setting.steps} steps of M = "
-      f"{setting.microbatches} microbatches x {setting.microbatch_size} "
-      f"sequences x {setting.seq_len} tokens ({tokens} tokens/step, "
-      f"{tokens * setting.steps:,} tokens/run), byte-level Shakespeare (train"
-      " on 32 plays, choose the learning rate on the validation plays, report"
-      " the test plays: `examples/lm/data.py`), cosine schedule with "
-      f"{setting.warmup} warm-up steps and a 0.1 floor, the same for every "
-      "arm. Each arm's learning rate is chosen on validation with seed 0 from"
-      " a factor-2 grid (extended past an edge when the best value sits "
-      "there); the comparison is on test, paired by seed (a seed fixes the "
-      "initialisation and the batch order). Differences are `arm - std` in "
-      "nats/token, ± one standard error over seeds; \"improved\" counts the "
-      "seeds where the arm's test loss is lower.", "",
-      f"{len(sel)} runs in `benchmarks/results/{results_name}`"
-      + (f"; one run took a median {np.median(walls):.0f} s of training wall "
-         f"time ({np.median(cpus):.0f} s of process CPU time including "
-         "compilation) on this 2-core CPU machine, shared with other jobs "
-         f"(1-minute load average {min(loads):.1f}-{max(loads):.1f} at the "
-         "runs' starts)" if walls and cpus and loads else "")
-      + (f"; the {len(light)} runs started at a load average below "
-         f"{LIGHT_LOAD:g} took a median {np.median(light):.0f} s." if light
-         else "."), ""]
   main_rows, ablation_rows, grid_rows = [], [], []
   for family, fam in summary.items():
     arms, d = fam["arms"], fam["diffs"].get("bc")
-    pending = [a for a in MAIN_ARMS if not fam["settled"].get(a)]
     main_rows.append([
-        family + (" (lr search in progress)" if pending else ""),
+        family + (" (lr search in progress)" if not all(
+            fam["settled"].get(a) for a in MAIN_ARMS) else ""),
         *(f"{fam['lr'][a]:g}" if a in fam["lr"] else "-" for a in MAIN_ARMS),
-        *(fmt_loss(arms.get(a, {}).get("mean")) for a in MAIN_ARMS),
-        fmt_diff(d), fmt_improved(d), f"{PAPER_DELTA[family]:+.3f}"])
+        *(loss(arms.get(a, {}).get("mean")) for a in MAIN_ARMS),
+        diff(d), improved(d), f"{PAPER_DELTA[family]:+.3f}"])
     if fam["noise"]:
       nz, paper = fam["noise"], PAPER_DELTA.get(family + "-noise")
       main_rows.append([
           f"{family}, noise q = {NOISE:g}", "(same)", "(same)",
-          fmt_loss(nz["std"]), fmt_loss(nz["bc"]), fmt_diff(nz["diff"]),
-          fmt_improved(nz["diff"]), "-" if paper is None else f"{paper:+.3f}"])
+          loss(nz["std"]), loss(nz["bc"]), diff(nz["diff"]),
+          improved(nz["diff"]), "-" if paper is None else f"{paper:+.3f}"])
     for arm in (a for a in MAIN_ARMS + ABLATIONS if a in arms):
       a, d, db = arms[arm], fam["diffs"].get(arm), fam["diffs"].get(
           f"{arm}-bc")
       div = f" ({a['diverged']} diverged)" if a["diverged"] else ""
       ablation_rows.append([
-          family, arm, f"{a['lr']:g}", f"{a['n']}{div}", fmt_loss(a["mean"]),
-          *((fmt_diff(d), fmt_improved(d)) if arm != "std" else ("", "")),
-          fmt_diff(db) if db else ""])
+          family, arm, f"{a['lr']:g}", f"{a['n']}{div}", loss(a["mean"]),
+          *((diff(d), improved(d)) if arm != "std" else ("", "")),
+          diff(db) if db else ""])
     for arm, pts in ((arm, pts) for arm, pts in fam["grid"].items() if pts):
-      cells = [f"{lr:g}: {fmt_loss(v) if v is not None else 'diverged'}"
+      cells = [("**{}**" if lr == fam["lr"].get(arm) else "{}").format(
+          f"{lr:g}: {loss(v) if v is not None else 'diverged'}")
                for lr, v in pts]
-      cells = [f"**{c}**" if lr == fam["lr"].get(arm) else c
-               for c, (lr, _) in zip(cells, pts)]
       edge = fam["lr"].get(arm) in (pts[0][0], pts[-1][0])
       note = ("" if not edge else " (edge: extension budget used up)"
               if fam["settled"].get(arm) else " (search in progress)")
       grid_rows.append([family, arm, ", ".join(cells) + note])
   missing = [f for f in FAMILIES if f not in summary]
-  lines += [
+  return "\n".join([
+      head, "",
+      f"`{setting.preset}` preset, {setting.steps} steps of M = "
+      f"{setting.microbatches} microbatches x {setting.microbatch_size} "
+      f"sequences x {setting.seq_len} tokens ({tokens} tokens/step, "
+      f"{tokens * setting.steps:,} tokens/run) of byte-level Shakespeare "
+      "(`examples/lm/data.py`: 32 training plays; the validation plays "
+      "choose the learning rate, the test plays are reported), cosine "
+      f"schedule, {setting.warmup} warm-up steps, 0.1 floor; the protocol: "
+      "`docs/quality.md`. Differences are `arm - std` test losses in "
+      "nats/token, paired by seed (initialisation and batch order), ± one "
+      "standard error; \"improved\" counts the seeds where the arm is lower.",
+      "", f"{len(sel)} runs in `benchmarks/results/{results_name}`"
+      + (f"; a run took a median {np.median(walls):.0f} s of training wall "
+         f"time ({np.median(cpus):.0f} s of process CPU time with "
+         "compilation) on this shared 2-core CPU machine (1-minute load "
+         f"average {min(loads):.1f}-{max(loads):.1f} at the runs' starts)"
+         if walls and cpus and loads else "")
+      + (f"; the {len(light)} runs started at a load average below "
+         f"{LIGHT_LOAD:g} took a median {np.median(light):.0f} s." if light
+         else "."), "",
       harness.table(["family", "lr std", "lr bc", "test std", "test bc",
                      "bc - std", "improved", "paper (Qwen2.5-0.5B)"],
                     main_rows), "",
-      "Ablations at the `bc` arm's learning rate (same seeds): `cf` cross-fit"
-      " only, `inv` inverse correction only, `paper` the reference code's "
+      "Ablations at the `bc` learning rate (same seeds): `cf` cross-fit "
+      "only, `inv` inverse correction only, `paper` the reference code's "
       "variant (AdamW LOO, Sophia/Shampoo twofold, `\"paper\"` estimator).",
       "", harness.table(["family", "arm", "lr", "seeds", "mean test",
                          "arm - std", "improved vs std", "arm - bc"],
                         ablation_rows), "",
-      "Learning-rate search (seed 0, final validation loss; **bold** = "
-      "chosen; an edge choice means the grid did not bracket the optimum "
-      "within the extension budget):", "",
+      "Learning-rate search (seed 0, factor-2 grid; final validation loss, "
+      "**bold** = chosen; an edge choice was not bracketed within the "
+      "extension budget):", "",
       harness.table(["family", "arm", "lr: validation loss"], grid_rows),
       *(["", f"Not run yet: {', '.join(missing)}."] if missing else []), "",
       f"![paired differences and loss curves]({png})", "",
-      f"Reproduce: `python -m {MODULE}` (resumable; `--families adamw` for "
-      "one family, `--report-only` to rebuild this section); every record's "
-      "`command` reruns one cell. On an accelerator add e.g. `--preset small "
-      "--steps 2000 --devices N`."]
-  return "\n".join(lines)
+      f"Reproduce: `python -m {MODULE}` (resumable; `--families adamw`: one "
+      "family, `--report-only`: this section); every record's `command` "
+      "reruns one cell. On an accelerator add e.g. `--preset small --steps "
+      "2000 --devices N`."])
 
 
 def plot(summary: dict, curves: dict, runs: list[dict], setting: Setting,
@@ -572,11 +544,9 @@ def report(results: pathlib.Path, setting: Setting, png: pathlib.Path,
 
 def parse_args(argv=None) -> argparse.Namespace:
   """The flags, with ``setting``, ``results``, ``png`` and ``runs_dir``."""
-  p = lm_runs.parser(
-      MODULE, __doc__, "adamw vs adamw_bc, seed 0 (two runs) at the rates "
-      "chosen in results/lm_quality.json", "benchmarks/results/"
-      "lm_quality.json, runs/lm_quality_quick.json with --quick",
-      "runs/lm_quality[_quick]")
+  p = lm_runs.parser(MODULE, __doc__, "adamw vs adamw_bc, seed 0 (two runs) "
+                     "at the rates chosen in results/lm_quality.json",
+                     RESULTS, RUNS)
   add = p.add_argument
   add("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
   add("--seeds", type=int, default=3)
@@ -591,8 +561,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       "over the file), write lm_quality_verify.json next to it (earlier "
       "checks under `previous`), fail if a loss moved by more than "
       f"{REPRODUCE_TOLERANCE}")
-  shape = ("preset", "steps", "microbatches", "microbatch_size", "seq_len",
-           "devices")
+  shape = ("preset", *SHAPE, "devices")
   for k in shape:
     add("--" + k.replace("_", "-"), default=getattr(Setting, k),
         type=type(getattr(Setting, k)))
@@ -600,14 +569,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.seeds < 1 or (args.verify is not None and args.verify < 1):
     p.error("--seeds and --verify take a positive count")
   args.setting = Setting(**{k: getattr(args, k) for k in shape})
-  # --quick keeps its runs out of the committed results (so that it always
-  # trains on a fresh checkout). Paths are relative to the repository root.
-  quick = "_quick" if args.quick else ""
-  args.results = harness.ROOT / (args.results or (
-      f"runs/lm_quality{quick}.json" if quick
-      else harness.RESULTS_DIR / "lm_quality.json"))
-  args.png = args.results.with_suffix(".png")
-  args.runs_dir = harness.ROOT / (args.runs_dir or f"runs/lm_quality{quick}")
+  lm_runs.paths(args, RESULTS, RUNS)
+  args.runs_dir = harness.ROOT / args.runs_dir
   return args
 
 
@@ -634,7 +597,7 @@ def main(argv=None, runner=None) -> None:
       raise SystemExit(1)
     return
   if args.quick and not args.report_only:
-    lrs = quick_lrs(harness.RESULTS_DIR / "lm_quality.json", setting)
+    lrs = quick_lrs(harness.ROOT / RESULTS[0], setting)
     print(f"[lm_quality] --quick: learning rates {lrs}", flush=True)
     for arm in MAIN_ARMS:
       run(Cell("adamw", arm, lrs[arm], 0))

@@ -154,19 +154,29 @@ def run(argv: Sequence[str], runner: Optional[Callable] = None,
   return summary
 
 
-def parser(module: str, doc: str, quick: str, results: str, runs: str
+def parser(module: str, doc: str, quick: str, results: tuple, runs: tuple
            ) -> argparse.ArgumentParser:
   """The flags of both scripts: --quick (help ``quick``), --report-only,
-  --results and --runs-dir (relative to the root; defaults named)."""
+  --results and --runs-dir (defaults without and with --quick, relative to
+  the root: ``results`` and ``runs``; see :func:`paths`)."""
   p = harness.parser(module, doc)
   p.add_argument("--quick", action="store_true", help=quick)
   p.add_argument("--report-only", action="store_true", help="rebuild the "
                  "PNG and the RESULTS.md section from the results JSON")
-  p.add_argument("--results", type=pathlib.Path, help="results JSON "
-                 f"(default: {results}); the PNG goes next to it")
-  p.add_argument("--runs-dir", type=pathlib.Path,
-                 help=f"run folders (default: {runs})")
+  p.add_argument("--results", type=pathlib.Path, help="results JSON (default"
+                 f": {results[0]}, {results[1]} with --quick); the PNG goes "
+                 "next to it")
+  p.add_argument("--runs-dir", type=pathlib.Path, help="run folders "
+                 f"(default: {runs[0]}, {runs[1]} with --quick)")
   return p
+
+
+def paths(args: argparse.Namespace, results: tuple, runs: tuple) -> None:
+  """Fills in ``args.results`` (under the root), ``args.png`` next to it
+  and ``args.runs_dir`` (as given) from the defaults of :func:`parser`."""
+  args.results = harness.ROOT / (args.results or results[args.quick])
+  args.png = args.results.with_suffix(".png")
+  args.runs_dir = args.runs_dir or pathlib.Path(runs[args.quick])
 
 
 # Statistics and figures ----------------------------------------------------
