@@ -1,34 +1,28 @@
 r"""Cost of one optimizer update: bcopt's three families against optax.
 
-Every cell (a family at one size and M) compiles its variants and times them
-interleaved in one process (``benchmarks.harness``: state donated and fed
-back, compile and ``--warmup`` calls excluded, rotated rounds of one call
-each, wall and process CPU time; a cell stops after ``--max-seconds`` once
-it has 3 rounds). Reported: medians and quartiles, ratios to the baselines
-(of the medians and per round), XLA's memory figures and per-parameter cost
-analysis, state bytes, each cell's load average. The cost models and the
-XLA:CPU effects behind the numbers: docs/performance.md.
+Each cell (a family at one size and M) compiles its variants and times them
+interleaved in one process (``harness``: state donated and fed back,
+compile and ``--warmup`` calls excluded, rotated rounds, wall and process
+CPU time; ``--max-seconds`` once 3 rounds are done). Reported: medians,
+quartiles, ratios to the baselines, XLA's memory and cost figures, state
+bytes, each cell's load average. Cost models: docs/performance.md.
 
-* ``adam``: ``scale_by_adam_bc`` in each scheme of ``ADAM`` on LM-shaped
-  trees (``SIZES``), against ``optax.scale_by_adam`` on the mean taken by
-  (a) ``jnp.mean(g, 0)`` and (b) ``bcopt.microbatch_mean``; also behind a
-  global-norm clip (bcopt's on the microbatches, optax's on the mean).
-* ``sophia``: ``scale_by_sophia_bc`` (``SOPHIA``) on refresh and
-  cached-inverse steps against (a), (b), Adam-BC and
-  ``optax.contrib.sophia`` on the mean; amortized over ``REFRESH_EVERY``.
-* ``shampoo``: one ``d x d`` parameter, each of ``SHAMPOO`` on a root and a
-  non-root step (one program, its count set before each call, untimed),
-  ``optax.adam``, one ``eigh`` and one projection (the correction's unit);
-  ``memory_step_only``: each step compiled with its count fixed.
+* ``adam``: ``ADAM`` on LM-shaped trees (``SIZES``), against
+  ``optax.scale_by_adam`` on the mean by (a) ``jnp.mean(g, 0)`` and (b)
+  ``bcopt.microbatch_mean``; also behind bcopt's and optax's clip.
+* ``sophia``: ``SOPHIA`` on refresh and cached-inverse steps against (a),
+  (b), Adam-BC and ``optax.contrib.sophia``; amortized over ``REFRESH_EVERY``.
+* ``shampoo``: one ``d x d`` parameter, ``SHAMPOO`` on root and non-root
+  steps (one program, the count set before each call), ``optax.adam``, one
+  ``eigh``, one projection; ``memory_step_only``: each step compiled alone.
 
-``--ref COMMIT`` also times bcopt at COMMIT (as the package ``bcopt_ref``),
-interleaved: every variant running bcopt code gets a twin ``NAME @ref``, a
-ratio ``vs.ref`` and ``bitwise_equal_ref`` (first outputs equal bit for
-bit). ``OPENBLAS_NUM_THREADS`` is 1 unless set: OpenBLAS's busy-waiting
-threads make LAPACK ``eigh`` very slow on a loaded machine.
+``--ref COMMIT`` also times bcopt at COMMIT (as ``bcopt_ref``): twins
+``NAME @ref``, ratios ``vs.ref`` and ``bitwise_equal_ref`` (first outputs).
+``OPENBLAS_NUM_THREADS`` is 1 unless set (busy-waiting threads make LAPACK
+``eigh`` crawl on a loaded machine).
 
-Usage (results in ``benchmarks/results/update_cost[_quick|_ref].json``; a
-run without ``--quick`` or ``--ref`` also writes its RESULTS.md section)::
+Usage (``results/update_cost[_quick|_ref].json``; RESULTS.md without
+``--quick`` or ``--ref``)::
 
   python -m benchmarks.update_cost --quick           # a smoke run
   python -m benchmarks.update_cost                   # every family
@@ -68,8 +62,7 @@ FAMILIES = ("adam", "sophia", "shampoo")
 SIZES = {  # LM-shaped trees: (vocab, d_model, layers)
     "tiny": (64, 16, 1),    # tests only
     "2M": (2048, 256, 2),   # 2,098,432 parameters
-    "16M": (8192, 512, 4),  # 16,781,824 parameters
-}
+    "16M": (8192, 512, 4)}  # 16,781,824 parameters
 MICROBATCHES = {"adam": [2, 8, 32], "sophia": [8], "shampoo": [4, 16]}
 REFRESH_EVERY = 10
 REF = " @ref"
@@ -84,16 +77,13 @@ ADAM = {  # name: (cross_fit, inverse_correction) of scale_by_adam_bc
     "Adam-BC symmetric + jackknife": ("symmetric", "jackknife"),
     "Adam-BC standard + jackknife": (None, "jackknife"),
     "Adam-BC loo, no correction": ("loo", None),
-    "Adam-BC standard, no correction": (None, None),
-}
-SOPHIA = {  # name: (cross_fit, inverse_correction) of scale_by_sophia_bc
+    "Adam-BC standard, no correction": (None, None)}
+SOPHIA = {  # the same for scale_by_sophia_bc
     "Sophia-BC loo + jackknife": ("loo", "jackknife"),
-    "Sophia-BC standard": (None, None),
-}
+    "Sophia-BC standard": (None, None)}
 CONTRIB = "optax.contrib.sophia on the mean"
 REFRESH, CACHED = ", refresh", ", no refresh"
-# name: (cross_fit, inverse_correction) of scale_by_shampoo_bc; "X +
-# jackknife" is compared with "X" for the correction's cost.
+# The same for scale_by_shampoo_bc ("X + jackknife" is compared with "X").
 SHAMPOO = {"standard": (None, None),
            "standard + jackknife": (None, "jackknife"),
            "twofold": ("twofold", None),
@@ -180,12 +170,6 @@ def fingerprint(tree) -> list:
           for p, x in jax.tree_util.tree_leaves_with_path(tree)]
 
 
-def xla_per_param(compiled, n: int) -> dict[str, float]:
-  cost = compiled.cost_analysis() or {}
-  return {k: round(float(cost[k]) / n, 2)
-          for k in ("bytes accessed", "flops", "transcendentals") if k in cost}
-
-
 # Cells ----------------------------------------------------------------------
 
 def chosen(args, name: str) -> bool:
@@ -198,7 +182,7 @@ class Cell:
   """The runners of one cell (compiled as they are added), then timed."""
 
   def __init__(self, args):
-    self.args, self.runners, self.skipped = args, {}, {}
+    self.args, self.runners, self.skipped = args, {}, {}   # by name
 
   def add(self, name: str, *args, **kwargs) -> None:
     """``harness.Runner(*args, **kwargs)`` as ``name``, unless not chosen
@@ -222,13 +206,15 @@ class Cell:
                                  warmup=args.warmup)
     variants = {}
     for name, r in runners.items():
+      cost = r.compiled.cost_analysis() or {}   # XLA's, per parameter
       v = variants[name] = {
           **harness.stats(r), "vs": {k: harness.ratios(r, runners[b])
                                      for k, b in baselines.items()},
           "compile_s": round(r.compile_s, 2),
           "memory": harness.memory(r.compiled),
           "state_bytes": harness.nbytes(r.state),
-          "xla_per_param": xla_per_param(r.compiled, n_params)}
+          "xla_per_param": {k: round(float(cost[k]) / n_params, 2) for k in (
+              "bytes accessed", "flops", "transcendentals") if k in cost}}
       if name + REF in runners:
         v["vs"]["ref"] = harness.ratios(r, runners[name + REF])
         v["bitwise_equal_ref"] = first[name] == first[name + REF]
@@ -364,6 +350,10 @@ def label(cell: dict) -> str:
   return f"{where}, M={cell['M']}"
 
 
+def slash(d: dict, a: str, b: str, spec: str) -> str:
+  return f"{d[a]:{spec}} / {d[b]:{spec}}"
+
+
 def grid(cells: list, fmt, extra_rows=()) -> str:
   """Variants (rows, twins @ref left out) by cells (columns)."""
   names = dict.fromkeys(n for c in cells for n in (*c["variants"],
@@ -375,25 +365,8 @@ def grid(cells: list, fmt, extra_rows=()) -> str:
                        [*rows, *extra_rows])
 
 
-def x_b(v: dict) -> str:
-  return f"{v['vs']['b']['wall']:.2f} / {v['vs']['b']['cpu']:.2f}"
-
-
-def ref_table(families: dict) -> str:
-  rows = [[f, label(c), n, f"{v['median_ms']:.4g}",
-           f"{c['variants'][n + REF]['median_ms']:.4g}",
-           f"{v['vs']['ref']['wall_paired']:.3f} / "
-           f"{v['vs']['ref']['cpu_paired']:.3f}",
-           "yes" if v["bitwise_equal_ref"] else "**no**"]
-          for f, cells in families.items() for c in cells
-          for n, v in c["variants"].items() if "ref" in v["vs"]]
-  return harness.table(["family", "cell", "variant", "ms", "@ref ms",
-                        "x @ref (per-round wall / CPU)", "bitwise equal"],
-                       rows)
-
-
 def report(families: dict, ref) -> str:
-  out = []
+  out, x_b = [], lambda v: slash(v["vs"]["b"], "wall", "cpu", ".2f")
   if "adam" in families:
     cells = families["adam"]
     state = [[f"state bytes of {name} / of (b)", *(
@@ -405,31 +378,37 @@ def report(families: dict, ref) -> str:
             grid(cells, x_b, b_ms + state)]
   if "sophia" in families:
     cells, k = families["sophia"], REFRESH_EVERY
-    amortized = [[f"{name}, refresh every {k} (amortized)", *(
-        f"{c[f'amortized_every_{k}'][name]['median_ms_vs_b']:.2f} / "
-        f"{c[f'amortized_every_{k}'][name]['cpu_median_ms_vs_b']:.2f}"
-        for c in cells)] for name in cells[0][f"amortized_every_{k}"]]
+    amortized = [[f"{name}, refresh every {k} (amortized)", *(slash(
+        c[f"amortized_every_{k}"][name], "median_ms_vs_b",
+        "cpu_median_ms_vs_b", ".2f") for c in cells)]
+                 for name in cells[0][f"amortized_every_{k}"]]
     out += ["\n### Sophia-BC: median wall / CPU time as a multiple of (b)\n",
             grid(cells, x_b, amortized)]
   if "shampoo" in families:
-    cells = families["shampoo"]
+    cells, ms = families["shampoo"], ("median_ms", "cpu_median_ms")
     out += ["\n### Shampoo-BC, one d x d parameter: median wall / CPU ms\n",
-            grid(cells, lambda v: f"{v['median_ms']:.4g} / "
-                 f"{v['cpu_median_ms']:.4g}")]
-    rows = [[k, *(f"{c['summary']['median_ms'][k]:.3g} / "
-                  f"{c['summary']['cpu_median_ms'][k]:.3g}" for c in cells)]
-            for k in cells[0]["summary"]["median_ms"]]
-    mib = lambda c, name, k: f"{c['memory_step_only'][name][k] / 2**20:.4g}"
-    rows += [[f"{name} only: temp / peak MiB", *(
-        f"{mib(c, name, 'temp')} / {mib(c, name, 'peak_bound')}"
-        for c in cells)] for name in cells[0]["memory_step_only"]]
+            grid(cells, lambda v: slash(v, *ms, ".4g"))]
+    rows = [[k, *(slash({s: c["summary"][s][k] for s in ms}, *ms, ".3g")
+                  for c in cells)] for k in cells[0]["summary"]["median_ms"]]
+    rows += [[f"{name} only: temp / peak MiB", *(slash(
+        {k: v / 2**20 for k, v in c["memory_step_only"][name].items()},
+        "temp", "peak_bound", ".4g") for c in cells)]
+             for name in cells[0]["memory_step_only"]]
     rows.append(["gradients MiB",
                  *(f"{c['gradients_bytes'] / 2**20:.4g}" for c in cells)])
     out += ["\n### Shampoo-BC: correction, cost model (wall / CPU), memory\n",
             harness.table(["", *map(label, cells)], rows)]
   if ref:
     out += [f"\n### Working tree against bcopt at {ref['commit'][:12]}"
-            f" (`--ref {ref['requested']}`)\n", ref_table(families)]
+            f" (`--ref {ref['requested']}`)\n", harness.table(
+                ["family", "cell", "variant", "ms", "@ref ms",
+                 "x @ref (per-round wall / CPU)", "bitwise equal"],
+                [[f, label(c), n, f"{v['median_ms']:.4g}",
+                  f"{c['variants'][n + REF]['median_ms']:.4g}",
+                  slash(v["vs"]["ref"], "wall_paired", "cpu_paired", ".3f"),
+                  "yes" if v["bitwise_equal_ref"] else "**no**"]
+                 for f, cells in families.items() for c in cells
+                 for n, v in c["variants"].items() if "ref" in v["vs"]])]
   return "\n".join(out)
 
 
@@ -437,28 +416,27 @@ def report(families: dict, ref) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = harness.parser(MODULE, __doc__)
-  p.add_argument("--family", nargs="+", choices=FAMILIES,
-                 default=list(FAMILIES))
-  p.add_argument("--ref", metavar="COMMIT", help="also time bcopt at COMMIT"
-                 " and compare its outputs bit for bit")
-  p.add_argument("--quick", action="store_true", help="a smoke run (2M, M=8;"
-                 " d=128, M=4; 3 rounds of <= 10 s); no RESULTS.md section")
-  p.add_argument("--sizes", nargs="+", choices=SIZES,
-                 help="adam, sophia: LM-shaped trees (default 2M 16M)")
-  p.add_argument("--dims", nargs="+", type=int,
-                 help="shampoo: d of the d x d parameter (default 256 1024)")
-  p.add_argument("--microbatches", nargs="+", type=int, help="M, for every"
-                 f" family (default {MICROBATCHES})")
-  p.add_argument("--variants", nargs="+", metavar="TEXT", help="only the"
-                 " variants whose names contain one of these (and the"
-                 " baselines)")
-  p.add_argument("--reps", type=int, help="rounds per cell (default 15)")
-  p.add_argument("--max-seconds", type=float, help="a cell stops after this"
-                 " once it has 3 rounds (default 60)")
-  p.add_argument("--warmup", type=int, default=2,
-                 help="untimed calls per variant after the first")
-  p.add_argument("--out", help="JSON path (default benchmarks/results/"
-                 "update_cost[_quick|_ref].json)")
+  add = p.add_argument
+  add("--family", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+  add("--ref", metavar="COMMIT",
+      help="also time bcopt at COMMIT and compare its outputs bit for bit")
+  add("--quick", action="store_true", help="a smoke run (2M, M=8; d=128, "
+      "M=4; 3 rounds of <= 10 s); no RESULTS.md section")
+  add("--sizes", nargs="+", choices=SIZES,
+      help="adam, sophia: LM-shaped trees (default 2M 16M)")
+  add("--dims", nargs="+", type=int,
+      help="shampoo: d of the d x d parameter (default 256 1024)")
+  add("--microbatches", nargs="+", type=int,
+      help=f"M, for every family (default {MICROBATCHES})")
+  add("--variants", nargs="+", metavar="TEXT", help="only the variants "
+      "whose names contain one of these (and the baselines)")
+  add("--reps", type=int, help="rounds per cell (default 15)")
+  add("--max-seconds", type=float,
+      help="a cell stops after this once it has 3 rounds (default 60)")
+  add("--warmup", type=int, default=2,
+      help="untimed calls per variant after the first")
+  add("--out", help="JSON path (default "
+      "benchmarks/results/update_cost[_quick|_ref].json)")
   args = p.parse_args(argv)
   q = args.quick
   args.sizes = args.sizes or (["2M"] if q else ["2M", "16M"])
@@ -475,7 +453,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  argv = sys.argv[1:] if argv is None else list(argv)
   env = harness.environment()
   print(f"# update cost: jax {env['jax']}, {env['devices']}, "
         f"{env['cpus_usable']} CPUs, load {env['loadavg_start'][0]:.2f}",
