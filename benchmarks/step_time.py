@@ -1,19 +1,16 @@
 r"""Train-step cost of the bias-corrected optimizers on the LM example.
 
-On a preset with random tokens, timed interleaved in one process
-(``benchmarks.harness``: compiled once, state donated and fed back, wall and
-process CPU time, XLA's memory figures): each family's ``std`` and ``bc``
-train steps of the example (``train.build``; Sophia refresh / non-refresh,
-Shampoo root / non-root as one program with its count set before each
-call), ``plain`` (full-batch gradient, clip and ``optax.adamw`` with the
-example's settings), and one ``vmap`` of ``bcopt.gnb_diag`` and of
-``bcopt.hutchinson_diag`` over the microbatches against one of
-``grad(loss)``. Reported: medians, medians of the per-round ratios ``/
-std``, ``/ plain`` and ``/ gradients``, issue 6's ``TARGET``. The cost model
-and past numbers: docs/performance.md.
+Timed interleaved in one process on random tokens (``harness``: compiled
+once, state donated and fed back, wall and process CPU time, XLA's memory
+figures): each family's ``std`` and ``bc`` train steps of the example
+(Sophia refresh / non-refresh; Shampoo root / non-root, one program with
+the count set before each call), ``plain`` (full-batch gradient, clip,
+``optax.adamw``), and ``vmap`` over the microbatches of ``gnb_diag``,
+``hutchinson_diag`` and ``grad(loss)``. Reported: medians, per-round ratios
+``/ std``, ``/ plain``, ``/ gradients``, issue 6's ``TARGET``. The cost
+model: docs/performance.md.
 
-Usage (results in ``benchmarks/results/step_time[_quick].json``; without
-``--quick`` also the ``step_time`` section of RESULTS.md)::
+Usage (``results/step_time[_quick].json``; RESULTS.md without ``--quick``)::
 
   python -m benchmarks.step_time --presets tiny     # ~10 min on 2 cores
   python -m benchmarks.step_time                    # tiny and small
@@ -95,9 +92,8 @@ def runners(args, preset: str, log) -> tuple[dict, dict]:
       model_cfg = config.model_config(cfg, data.BYTE_VOCAB)
       prog = train.build(cfg, model_cfg)
       state = prog.init(jax.random.key(0))
-      fact = {"optimizer": name, "params": model.count_params(
-          state["params"]), "opt_state_bytes": harness.nbytes(
-              state["opt_state"])}
+      fact = {"optimizer": name, "params": model.count_params(state["params"]),
+              "opt_state_bytes": harness.nbytes(state["opt_state"])}
       for kind, refresh in KINDS.get(family, {"": False}).items():
         program = prog.train_steps[refresh]   # jitted: compiled once here
         for suffix, count in (SHAMPOO if family == "shampoo" else {"": None}
@@ -112,8 +108,7 @@ def runners(args, preset: str, log) -> tuple[dict, dict]:
           if program is not out[label].compiled:
             log(f"  {label}: compiled in {out[label].compile_s:.1f} s")
           program, facts[label] = out[label].compiled, fact
-  # The plain step and the estimators, on the model and parameters of the
-  # last step (the same for every optimizer).
+  # The plain step and the estimators on the last step's model and params.
   logits_fn, loss_fn = model.make_loss_fns(model_cfg)
   step, tx = plain_step(settings(args, preset, "adamw"), loss_fn)
   params = state["params"]
@@ -211,10 +206,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   add("--warmup", type=int, default=2, help="untimed calls per program")
   add("--fast-compile", action="store_true",
       help="the example's --fast-compile (smoke tests)")
-  add("--quick", action="store_true", help="3 rounds of tiny; no RESULTS.md"
-      " section")
-  add("--out", help="JSON path (default benchmarks/results/"
-      "step_time[_quick].json)")
+  add("--quick", action="store_true", help="3 rounds of tiny; no RESULTS.md")
+  add("--out", help="JSON (default results/step_time[_quick].json)")
   args = p.parse_args(argv)
   args.presets = args.presets or (["tiny"] if args.quick else ["tiny", "small"])
   args.rounds = args.rounds or (3 if args.quick else 15)
@@ -240,9 +233,9 @@ def main(argv=None) -> dict:
     harness.write_json(args.out, {**result, "environment": harness.finish(
         env)})   # after each preset
   if not args.quick:
-    harness.write_section("step_time", f"## Train-step cost (`"
-                          f"{result['command']}`)\n\n" + "\n\n".join(
-                              r["markdown"] for r in result["presets"].values()))
+    harness.write_section("step_time", "\n\n".join(
+        [f"## Train-step cost (`{result['command']}`)"]
+        + [r["markdown"] for r in result["presets"].values()]))
   print(f"wrote {args.out} ({env['wall_s']:.0f} s, load "
         f"{env['loadavg_start'][0]:.1f} -> {env['loadavg_end'][0]:.1f})")
   return result
