@@ -248,6 +248,12 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
   _write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
+def read_json(path: pathlib.Path, default: Any = None) -> Any:
+  """The JSON in ``path``, or ``default`` if there is no such file."""
+  path = pathlib.Path(path)
+  return json.loads(path.read_text()) if path.exists() else default
+
+
 def replace_section(text: str, name: str, body: str) -> str:
   """``text`` with the part between ``<!-- name:begin -->`` and
   ``<!-- name:end -->`` replaced by ``body`` (markers kept), or the marked

@@ -1,20 +1,18 @@
 r"""Does bias correction pay? A tuned, seeded comparison on the LM example.
 
-Every cell trains the example once (a subprocess, ``lm_runs``) with the
-same model, data and steps; only the arm, learning rate and seed change.
-Per family, ``std`` and ``bc`` get the rate best on the validation plays
-(seed 0, ``LR_GRID`` extended past an edge at most ``MAX_EXTEND`` times);
-then seeds of every arm (the ablations ``cf``, ``inv`` and ``paper`` at the
-``bc`` rate; AdamW also on noisy data), compared on the test plays, paired
-by seed. The protocol and the findings: docs/quality.md.
+Each cell is one training run of the example (``lm_runs``). Per family,
+``std`` and ``bc`` get the rate best on the validation plays (seed 0,
+``LR_GRID`` extended past an edge); then every arm (the ablations at the
+``bc`` rate; AdamW also on noisy data) runs ``--seeds`` seeds, compared on
+the test plays, paired by seed. Protocol and findings: docs/quality.md.
 
-Results: ``benchmarks/results/lm_quality.json``, a record per run written
-after it (recorded cells are skipped, interrupted runs resume), whose
-``command`` reruns it into ``{out}``; curves in ``lm_quality_curves.json``;
-the RESULTS.md section and ``lm_quality.png`` are rebuilt from the records.
+Results: ``benchmarks/results/lm_quality.json``, a record per run, whose
+``command`` reruns it into ``{out}`` (recorded cells are skipped,
+interrupted runs resume); curves in ``lm_quality_curves.json``; the
+RESULTS.md section and ``lm_quality.png`` are rebuilt from the records.
 
 Usage (on an accelerator add e.g. ``--preset small --devices N --steps
-2000``; only cells of matching settings are reused)::
+2000``; only records of the same settings are reused)::
 
   python -m benchmarks.lm_quality --quick          # adamw vs adamw_bc, seed 0
   python -m benchmarks.lm_quality                  # the grid (hours on CPU)
@@ -27,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -46,8 +43,7 @@ ABLATIONS = ("cf", "inv", "paper")
 # The paper's held-out deltas, bc - std in nats (SPEC section 7).
 PAPER_DELTA = {"adamw": -0.1489, "sophia": -0.0701, "shampoo": -0.1103,
                "adamw-noise": -0.0191}
-# Starting learning-rate grids (factor 2 apart), extended past an edge if
-# the best value lands there.
+# Starting learning-rate grids (factor 2 apart).
 LR_GRID = {"adamw": (1.5e-3, 3e-3, 6e-3),
            "sophia": (7.5e-4, 1.5e-3, 3e-3),
            "shampoo": (1.5e-3, 3e-3, 6e-3)}
@@ -57,6 +53,7 @@ LIGHT_LOAD = 4.0    # report: runs started below this 1-minute load average
 QUICK_LR = 3e-3     # --quick, before the full grid has chosen: both arms
 REPRODUCE_TOLERANCE = 0.02  # a record's command must give its losses to this
 SHAPE = ("steps", "microbatches", "microbatch_size", "seq_len")
+LOSSES = ("final_eval_loss", "final_val_loss")   # test, validation
 # Results (--quick's stay out of the committed ones: it always trains) and
 # run folders, without and with --quick, relative to the root.
 RESULTS = ("benchmarks/results/lm_quality.json", "runs/lm_quality_quick.json")
@@ -98,6 +95,10 @@ def arm_flags(family: str, arm: str) -> list[str]:
                         "inverse_correction": "paper"}}.get(arm, {})
   return lm_runs.flags({"optimizer": family if arm == "std"
                         else f"{family}_bc", **switches})
+
+
+def log(message: str) -> None:
+  print(f"[lm_quality] {message}", flush=True)
 
 
 def data_name(noise: float) -> str:
@@ -156,7 +157,7 @@ def find(runs: list[dict], cell: Cell, setting: Setting) -> dict | None:
 
 def load_file(path: pathlib.Path) -> dict:
   """The whole results file (``runs``, and ``superseded`` if any)."""
-  return json.loads(path.read_text()) if path.exists() else {"runs": []}
+  return harness.read_json(path, {"runs": []})
 
 
 def load_runs(path: pathlib.Path) -> list[dict]:
@@ -169,23 +170,13 @@ def append_run(path: pathlib.Path, record: dict) -> None:
   harness.write_json(path, data)
 
 
-def supersede(path: pathlib.Path, record: dict, reason: str) -> None:
-  """Moves ``record`` from the file's ``runs`` to its ``superseded`` list
-  (kept, with ``reason``, but no longer read by the grid or the report)."""
-  data = load_file(path)
-  data["runs"] = [r for r in data["runs"] if r != record]
-  data.setdefault("superseded", []).append({**record, "superseded": reason})
-  harness.write_json(path, data)
-
-
 def curves_path(results: pathlib.Path) -> pathlib.Path:
   return results.with_name(results.stem + "_curves.json")
 
 
 def save_curve(path: pathlib.Path, name: str, out: pathlib.Path) -> None:
   """Adds a run's training-loss and validation curves to ``path``."""
-  records = lm_runs.metrics(out)
-  curves = json.loads(path.read_text()) if path.exists() else {}
+  records, curves = lm_runs.metrics(out), harness.read_json(path, {})
   curves[name] = {
       "step": [r["step"] for r in records],
       "train_loss": [round(r["train_loss"], 4) for r in records],
@@ -199,12 +190,10 @@ def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
              runs_dir: pathlib.Path, runner=None) -> dict:
   """Runs one cell unless the results file has it; returns its record
   (``runner``: see ``lm_runs.run``)."""
-  existing = find(load_runs(results), cell, setting)
-  if existing is not None:
+  if (existing := find(load_runs(results), cell, setting)) is not None:
     return existing
   command, out = cell.command(setting), runs_dir / cell.name
-  print(f"[lm_quality] {cell.name} (load {os.getloadavg()[0]:.1f})",
-        flush=True)
+  log(f"{cell.name} (load {os.getloadavg()[0]:.1f})")
   s = lm_runs.run(lm_runs.argv_of(command, out), runner, replace=True)
   record = {
       "data": cell.data, "family": cell.family, "variant": cell.variant,
@@ -213,8 +202,7 @@ def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
       **{k: getattr(setting, k) for k in SHAPE},
       "tokens": s.get("tokens", math.prod(getattr(setting, k) for k in SHAPE)),
       "wall_s": s.get("wall_s"), "command": command,
-      # Context: status, preset, the run's wall and CPU seconds (imports and
-      # compilation included), load average at its start, code.
+      # Context; the run's wall and CPU seconds include compilation.
       "status": "diverged" if "diverged" in s else "ok",
       "preset": setting.preset, "devices": setting.devices,
       **{k: s["benchmark"][k]
@@ -222,21 +210,25 @@ def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
   save_curve(curves_path(results), cell.name, out)
   append_run(results, record)
   if record["status"] == "ok":
-    print(f"[lm_quality] {cell.name}: val {record['final_val_loss']:.4f} "
-          f"test {record['final_eval_loss']:.4f} ({record['call_wall_s']:.0f}"
-          f" s wall, {record['cpu_s']:.0f} s CPU)", flush=True)
+    log(f"{cell.name}: val {record['final_val_loss']:.4f} test "
+        f"{record['final_eval_loss']:.4f} ({record['call_wall_s']:.0f} s "
+        f"wall, {record['cpu_s']:.0f} s CPU)")
   return record
 
 
 def rerun_unversioned(results: pathlib.Path, setting: Setting,
                       families, run) -> int:
   """Re-runs the records of ``families`` (and this setting) that have no
-  ``code`` (older code made them), moving them to ``superseded``; returns
-  how many. ``run(cell) -> record`` as in :func:`run_family`."""
+  ``code`` (older code made them), moving them to ``superseded`` (kept, no
+  longer read); returns how many. ``run(cell) -> record``."""
   stale = [r for r in load_runs(results) if "code" not in r
            and r["family"] in families and setting.matches(r)]
   for r in stale:
-    supersede(results, r, "made by code of unknown version; re-run")
+    data = load_file(results)
+    data["runs"] = [x for x in data["runs"] if x != r]
+    data.setdefault("superseded", []).append(
+        {**r, "superseded": "made by code of unknown version; re-run"})
+    harness.write_json(results, data)
     run(cell_of(r))
   return len(stale)
 
@@ -247,8 +239,8 @@ def verify(results: pathlib.Path, runs_dir: pathlib.Path, count: int,
   included) from their ``command``. Returns ``{"tolerance", "checks",
   "max_abs_diff", "ok"}``, a check per record: its cell, command, code and
   recorded and re-run losses (``diff``: re-run - recorded)."""
-  runs = [r for r in load_runs(results) if r.get("status", "ok") == "ok"]
-  if not runs:
+  if not (runs := [r for r in load_runs(results)
+                   if r.get("status", "ok") == "ok"]):
     raise ValueError(f"{results} has no finished runs to verify")
   checks = []
   for i in sorted({round(x) for x in np.linspace(0, len(runs) - 1,
@@ -259,25 +251,22 @@ def verify(results: pathlib.Path, runs_dir: pathlib.Path, count: int,
     summary = lm_runs.run(lm_runs.argv_of(r["command"], out), runner)
     if "diverged" in summary:
       raise FloatingPointError(f"verify {out.name}: {summary['diverged']}")
-    checks.append({k: r[k] for k in ("data", "family", "variant", "lr",
-                                     "seed", "command")})
-    for key in ("final_eval_loss", "final_val_loss"):
-      checks[-1][key] = {"recorded": r[key], "rerun": summary[key],
-                         "diff": summary[key] - r[key]}
-    checks[-1]["code"] = r.get("code")
-    print(f"[lm_quality] verify {out.name}: test {r['final_eval_loss']:.4f}"
-          f" -> {summary['final_eval_loss']:.4f}", flush=True)
-  worst = max(abs(c[k]["diff"]) for c in checks
-              for k in ("final_eval_loss", "final_val_loss"))
+    checks.append({**{k: r[k] for k in ("data", "family", "variant", "lr",
+                                        "seed", "command")},
+                   **{k: {"recorded": r[k], "rerun": summary[k],
+                          "diff": summary[k] - r[k]} for k in LOSSES},
+                   "code": r.get("code")})
+    log(f"verify {out.name}: test {r['final_eval_loss']:.4f} -> "
+        f"{summary['final_eval_loss']:.4f}")
+  worst = max(abs(c[k]["diff"]) for c in checks for k in LOSSES)
   return {"tolerance": tolerance, "checks": checks, "max_abs_diff": worst,
           "ok": worst <= tolerance}
 
 
 def val_loss(record: dict | None) -> float:
   """Selection score: diverged or missing runs score +inf."""
-  if record is None or record.get("final_val_loss") is None:
-    return math.inf
-  return record["final_val_loss"]
+  loss = (record or {}).get("final_val_loss")
+  return math.inf if loss is None else loss
 
 
 def choose_lr(family: str, arm: str, setting: Setting, run) -> tuple:
@@ -326,7 +315,7 @@ def run_family(family: str, setting: Setting, seeds: int, run,
   from it), then seeds ``0 .. seeds-1`` of ``arms`` (and of the noisy main
   arms if ``noise``)."""
   lrs = {arm: choose_lr(family, arm, setting, run)[0] for arm in MAIN_ARMS}
-  print(f"[lm_quality] {family}: chosen learning rates {lrs}", flush=True)
+  log(f"{family}: chosen learning rates {lrs}")
   main_arms = [arm for arm in MAIN_ARMS if arm in arms]
   seeded = [(arm, lrs[arm], seed, 0.0) for seed in range(seeds)
             for arm in main_arms]
@@ -534,9 +523,7 @@ def report(results: pathlib.Path, setting: Setting, png: pathlib.Path,
       png, (results_md or harness.RESULTS_MD).parent), results.name)
   print(section)
   if summary:
-    path = curves_path(results)
-    plot(summary, json.loads(path.read_text()) if path.exists() else {},
-         runs, setting, png)
+    plot(summary, harness.read_json(curves_path(results), {}), runs, setting, png)
   if results_md is not None:
     harness.write_section("lm_quality", section, results_md)
   return summary
@@ -555,12 +542,10 @@ def parse_args(argv=None) -> argparse.Namespace:
       "all; the learning-rate search always runs)")
   add("--no-noise", action="store_true", help="skip AdamW's noisy-data row")
   add("--rerun-unversioned", action="store_true", help="first re-run the "
-      "selected families' records that have no `code` (the old records go "
-      "to `superseded`)")
-  add("--verify", type=int, metavar="K", help="re-run K records (spread "
-      "over the file), write lm_quality_verify.json next to it (earlier "
-      "checks under `previous`), fail if a loss moved by more than "
-      f"{REPRODUCE_TOLERANCE}")
+      "families' records without `code` (the old ones go to `superseded`)")
+  add("--verify", type=int, metavar="K", help="re-run K records spread over "
+      "the file into lm_quality_verify.json next to it (earlier checks under"
+      f" `previous`); fail if a loss moved by more than {REPRODUCE_TOLERANCE}")
   shape = ("preset", *SHAPE, "devices")
   for k in shape:
     add("--" + k.replace("_", "-"), default=getattr(Setting, k),
@@ -579,37 +564,35 @@ def main(argv=None, runner=None) -> None:
   setting, results, t0 = args.setting, args.results, time.time()
   run = lambda cell: run_cell(cell, setting, results, args.runs_dir, runner)
   if args.devices > 1 and "XLA_FLAGS" not in os.environ:
-    print("[lm_quality] note: on CPU, --devices N needs XLA_FLAGS="
-          "--xla_force_host_platform_device_count=N", flush=True)
+    log("note: on CPU, --devices N needs XLA_FLAGS="
+        "--xla_force_host_platform_device_count=N")
   if args.verify is not None:
     check = verify(results, args.runs_dir, args.verify, runner)
     path = results.with_name(results.stem + "_verify.json")
-    old = json.loads(path.read_text()) if path.exists() else None
+    old = harness.read_json(path)
     harness.write_json(path, {   # earlier checks kept, newest first
         "command": harness.command(MODULE, argv),
-        "code": harness.git_state(),
-        **check, "previous": [] if old is None else [old] + old.pop(
-            "previous", [])})
-    print(f"[lm_quality] verify: {len(check['checks'])} runs, largest "
-          f"|difference| {check['max_abs_diff']:.4f} nats (tolerance "
-          f"{check['tolerance']})", flush=True)
+        "code": harness.git_state(), **check,
+        "previous": [old] + old.pop("previous", []) if old else []})
+    log(f"verify: {len(check['checks'])} runs, largest |difference| "
+        f"{check['max_abs_diff']:.4f} nats (tolerance {check['tolerance']})")
     if not check["ok"]:
       raise SystemExit(1)
     return
   if args.quick and not args.report_only:
     lrs = quick_lrs(harness.ROOT / RESULTS[0], setting)
-    print(f"[lm_quality] --quick: learning rates {lrs}", flush=True)
+    log(f"--quick: learning rates {lrs}")
     for arm in MAIN_ARMS:
       run(Cell("adamw", arm, lrs[arm], 0))
   elif not args.report_only:
     if args.rerun_unversioned:
       n = rerun_unversioned(results, setting, args.families, run)
-      print(f"[lm_quality] re-ran {n} unversioned records", flush=True)
+      log(f"re-ran {n} unversioned records")
     for family in args.families:
       run_family(family, setting, args.seeds, run, noise=family == "adamw"
                  and not args.no_noise, arms=tuple(args.arms))
   report(results, setting, args.png, None if args.quick else harness.RESULTS_MD)
-  print(f"[lm_quality] done in {time.time() - t0:.0f} s", flush=True)
+  log(f"done in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,8 @@
-"""Training runs of the LM example for ``lm_quality`` and
-``finetune_averaging``: run storage, statistics, flags and figures.
-
-A run is one ``python -m examples.lm.train ARGV`` subprocess in the
-repository root (one run per process: no memory growth over a grid, and the
-recorded command is what ran). :func:`run` reuses a run folder (``--out``)
-whose ``summary.json`` holds the same command, resumes one interrupted with
-checkpoints of the same settings (``--resume``; the example then reproduces
-the uninterrupted run on CPU), else trains afresh (replacing a folder that
-holds another run only if asked). The trainer ``runner(argv) -> summary`` is
-injectable (the tests use a fake one).
+"""The LM example's training runs for ``lm_quality`` and
+``finetune_averaging`` (:func:`run`: one ``python -m examples.lm.train``
+subprocess per run, in the repository root, so memory does not grow over a
+grid and the recorded command is what ran), their shared flags, statistics
+and figures.
 """
 
 from __future__ import annotations
@@ -67,13 +61,10 @@ def metrics(out) -> list[dict]:
 
 
 def subprocess_runner(argv: Sequence[str], module: str = MODULE) -> dict:
-  """Trains in a ``python -m module`` subprocess; returns the run's summary.
-
-  Raises:
-    FloatingPointError: the loss became NaN or infinite.
-    KeyboardInterrupt: Ctrl-C, once the run has saved its checkpoint.
-    RuntimeError: any other failure (with the end of its stderr).
-  """
+  """Trains in a ``python -m module`` subprocess; returns its summary.
+  Raises ``FloatingPointError`` on a NaN or infinite loss,
+  ``KeyboardInterrupt`` once the run saved its checkpoint, ``RuntimeError``
+  on any other failure (with the end of its stderr)."""
   with subprocess.Popen([sys.executable, "-m", module, *argv],
                         cwd=harness.ROOT, stderr=subprocess.PIPE,
                         text=True) as p:
@@ -113,21 +104,20 @@ def _cpu_children() -> float:
 
 def run(argv: Sequence[str], runner: Optional[Callable] = None,
         replace: bool = False) -> dict:
-  """Trains ``argv`` unless its folder holds that run finished.
+  """Reuses ``argv``'s folder (``--out``) if its ``summary.json`` has the
+  same command, resumes its checkpoints of the same settings (``--resume``:
+  the example reproduces the uninterrupted run on CPU), else trains afresh
+  (``ValueError`` if the folder holds another run, unless ``replace``);
+  ``runner(argv) -> summary`` trains (default: a subprocess).
 
-  Returns:
-    The run's summary, its ``command`` the canonical one (without
-    ``--resume``), with ``benchmark``: the git state of the code when the
-    run started, its wall and CPU seconds (the subprocess's: imports and
-    compilation included), the 1-minute load average at its start and
-    whether it resumed. A diverged run's has only these and ``diverged``.
-
-  Raises:
-    ValueError: the folder holds another run and ``replace`` is false.
+  Returns the summary with the canonical ``command`` (without ``--resume``)
+  and ``benchmark``: the code's git state at the start, the subprocess's
+  wall and CPU seconds, the 1-minute load average at the start and whether
+  it resumed (a diverged run's: only these and ``diverged``).
   """
   argv, cmd, out = list(argv), command(argv), out_dir(argv)
   path = out / "summary.json"
-  summary = json.loads(path.read_text()) if path.exists() else None
+  summary = harness.read_json(path)
   if summary is not None and summary["command"] == cmd:
     print(f"reusing {out}", flush=True)
     return summary
