@@ -165,19 +165,14 @@ def raw_agreement(a: dict, b: dict) -> dict:
   """How far the raw trajectories of two runs (records) are apart."""
   pa, pb = ([np.asarray(x) for x in jax.tree.leaves(
       restored(r["out"])[2]["params"])] for r in (a, b))
-  held = lambda r: np.array([[e["val_loss"], e["test_loss"]]
-                             for e in r["evals"]])
-  return {
-      "final_params_bitwise_equal": all(np.array_equal(x, y)
-                                        for x, y in zip(pa, pb)),
-      "final_params_max_abs_diff": max(float(np.abs(x - y).max())
-                                       for x, y in zip(pa, pb)),
-      "final_params_max_abs": max(float(np.abs(x).max()) for x in pa),
-      "train_loss_bitwise_equal": a["train_loss"] == b["train_loss"],
-      "train_loss_max_abs_diff": float(np.abs(
-          np.subtract(a["train_loss"], b["train_loss"])).max()),
-      "heldout_loss_max_abs_diff": float(np.abs(held(a) - held(b)).max()),
-  }
+  held = lambda r: [[e["val_loss"], e["test_loss"]] for e in r["evals"]]
+  apart = lambda x, y: float(np.abs(np.subtract(x, y)).max())
+  return {"final_params_bitwise_equal": all(map(np.array_equal, pa, pb)),
+          "final_params_max_abs_diff": max(map(apart, pa, pb)),
+          "final_params_max_abs": max(float(np.abs(x).max()) for x in pa),
+          "train_loss_bitwise_equal": a["train_loss"] == b["train_loss"],
+          "train_loss_max_abs_diff": apart(a["train_loss"], b["train_loss"]),
+          "heldout_loss_max_abs_diff": apart(held(a), held(b))}
 
 
 def select_variant(val: dict, method: str) -> str:
@@ -285,50 +280,47 @@ def markdown(payload: dict) -> str:
       "## Fine-tuning with iterate averaging: none vs EMA vs BEMA", "",
       "`benchmarks/finetune_averaging.py` (issue 7; the experiment: "
       f"`docs/averaging.md`). The `tiny` model ({payload['params']:,} "
-      f"parameters, bytes), pretrained for {sz['pretrain_steps']} steps on "
-      f"the {plays['pretrain'].replace(',', ' and ')}, fine-tuned for "
-      f"{sz['finetune_steps']} steps on {', '.join(plays['finetune'])} "
-      "(AdamW-BC, 4 x 1 x 128 = 512 tokens per step, constant learning rate"
-      f" {payload['lr']:g}, {len(payload['seeds'])} seeds), evaluated every "
-      f"{sz['eval_every']} steps on held-out tragedies: test "
-      f"{', '.join(plays['test'])} (reported), validation "
-      f"{', '.join(plays['validation'])}. EMA and BEMA at the paper's "
+      f"parameters, bytes): {sz['pretrain_steps']} pretraining steps on the "
+      f"{plays['pretrain'].replace(',', ' and ')}, then "
+      f"{sz['finetune_steps']} fine-tuning steps on "
+      f"{', '.join(plays['finetune'])} (AdamW-BC, 4 x 1 x 128 = 512 tokens "
+      f"per step, constant learning rate {payload['lr']:g}), "
+      f"{len(payload['seeds'])} seeds; every {sz['eval_every']} steps the "
+      f"test ({', '.join(plays['test'])}; reported) and validation "
+      f"({', '.join(plays['validation'])}) losses. Averaging at the paper's "
       "defaults, fixed beforehand: " + ", ".join(
           f"{k.removeprefix('--average-')} {x:g}" for k, x in avg.items())
-      + ". The learning rate is the one whose last iterate ends lowest on "
-      f"validation (seed {payload['lr_selection']['seed']}, not reported) "
-      "among " + ", ".join(f"{k} ({r['final_val_loss']:.4f})" for k, r in
-                           payload["lr_selection"]["runs"].items())
-      + ". Each seed's one trajectory gives all three read-outs (mean ± se "
-      "over seeds; differences paired by seed, negative: the first is "
-      "better); its raw iterates are those of an `--average none` run (seed"
-      " 0) " + ("bitwise." if g["final_params_bitwise_equal"]
-                and g["train_loss_bitwise_equal"] else
-                "up to float rounding (XLA fuses the step differently): final "
-                f"parameters within {g['final_params_max_abs_diff']:.1e} (of "
-                f"magnitude up to {g['final_params_max_abs']:.2f}), held-out "
-                f"losses within {g['heldout_loss_max_abs_diff']:.1e}, train "
-                f"losses within {g['train_loss_max_abs_diff']:.1e}."), "",
+      + ". Learning rate: the last iterate's lowest final validation loss "
+      f"(seed {payload['lr_selection']['seed']}, not reported) among "
+      + ", ".join(f"{k} ({r['final_val_loss']:.4f})"
+                  for k, r in payload["lr_selection"]["runs"].items())
+      + ". Mean ± se over seeds; differences paired: one trajectory per "
+      "seed gives all three read-outs, its raw iterates those of an "
+      "`--average none` run (seed 0) " + (
+          "bitwise." if g["final_params_bitwise_equal"]
+          and g["train_loss_bitwise_equal"] else "up to float rounding "
+          f"(parameters within {g['final_params_max_abs_diff']:.1e} of up to "
+          f"{g['final_params_max_abs']:.2f}, held-out losses within "
+          f"{g['heldout_loss_max_abs_diff']:.1e}, train losses within "
+          f"{g['train_loss_max_abs_diff']:.1e})."), "",
       f"Pretrained model (step 0): test loss "
       f"{payload['pretrained']['test_loss']:.4f}, validation "
       f"{payload['pretrained']['val_loss']:.4f} nats/byte.", "",
       method_table(s, NAMES, payload["summary"]["val"]), "",
       "Against the paper's claim (arXiv:2508.00180: BEMA converges faster "
       f"and ends better than EMA and no averaging): {claims(s['paired'])}. "
-      "The final averages (mean over seeds; d = theta_T - theta_0, the "
-      f"fine-tune's displacement, |d| = {path('displacement_norm'):.2f}): "
-      f"EMA - theta_T has a component {path('ema_along_displacement'):+.3f} "
-      f"d (norm {path('ema_distance'):.2f}), BEMA - theta_T "
+      "Along the fine-tune's displacement d = theta_T - theta_0 (|d| = "
+      f"{path('displacement_norm'):.2f}), the final EMA - theta_T is "
+      f"{path('ema_along_displacement'):+.3f} d (norm "
+      f"{path('ema_distance'):.2f}) and BEMA - theta_T "
       f"{path('bema_along_displacement'):+.3f} d (norm "
-      f"{path('bema_distance'):.2f}); positive is beyond the last iterate, "
-      f"where alpha_s (theta_s - theta_0), alpha_s = (lag + s)^-{power:g} "
-      f"({alpha:.2f} at the last step), extrapolates along the path. The raw"
-      f" test loss (mean over seeds) is lowest at step {s['steps'][low]} "
+      f"{path('bema_distance'):.2f}), mean over seeds; alpha_s = (lag + "
+      f"s)^-{power:g} is {alpha:.2f} at the last step. The raw test loss "
+      f"(mean over seeds) is lowest at step {s['steps'][low]} "
       f"({raw[low]:.4f}) and ends at {raw[-1]:.4f}.", "",
-      f"Sensitivity on the validation plays (seed "
+      "Sensitivity on the validation plays (seed "
       f"{payload['sensitivity']['seed']}, same learning rate; the bias power"
-      " applies to BEMA only): final validation loss and its mean over the "
-      "fine-tune.", "",
+      " applies to BEMA only), final and mean validation loss:", "",
       harness.table(
           ["variant", "none final", "EMA final", "BEMA final", "none mean",
            "EMA mean", "BEMA mean"],
@@ -336,15 +328,14 @@ def markdown(payload: dict) -> str:
                      for m in METHODS)]
            for label, var in payload["sensitivity"]["variants"].items()]), "",
       "Each average with its variant that ends lowest there, on the test "
-      "plays and reported seeds:", "",
+      "plays:", "",
       method_table(sel["test"], {m: NAMES[m] if m == "none" else
                                  f"{NAMES[m]} ({sel['variant'][m]})"
                                  for m in METHODS}), "",
       f"With these variants {claims(sel['test']['paired'])}. Their final "
       f"averages sit at {along('ema'):+.3f} d (EMA) and {along('bema'):+.3f}"
       " d (BEMA) from the last iterate" + (
-          ", between the pretrained and the fine-tuned parameters: with few "
-          "refreshes the EMA keeps much of its weight on theta_0."
+          ", between the pretrained and the fine-tuned parameters."
           if all(-1 < along(m) < 0 for m in ("ema", "bema")) else "."), "",
       "![fine-tuning loss curves](results/finetune_averaging.png)", "",
       f"Reproduce: `python -m {MODULE}` ({payload['wall_s'] / 60:.0f} min of "
