@@ -1,16 +1,13 @@
 r"""Train-step cost of the bias-corrected optimizers on the LM example.
 
-Timed interleaved in one process on random tokens (``harness``: compiled
-once, state donated and fed back, wall and process CPU time, XLA's memory
-figures): each family's ``std`` and ``bc`` train steps of the example
-(Sophia refresh / non-refresh; Shampoo root / non-root, one program with
-the count set before each call), ``plain`` (full-batch gradient, clip,
-``optax.adamw``), and ``vmap`` over the microbatches of ``gnb_diag``,
-``hutchinson_diag`` and ``grad(loss)``. Reported: medians, per-round ratios
-``/ std``, ``/ plain``, ``/ gradients``, issue 6's ``TARGET``. The cost
-model: docs/performance.md.
-
-Usage (``results/step_time[_quick].json``; RESULTS.md without ``--quick``)::
+Timed interleaved (``harness``) on random tokens: each family's ``std`` and
+``bc`` train steps of the example (Sophia refresh / non-refresh; Shampoo
+root / non-root, one program, the count set before each call), ``plain``
+(full-batch gradient, clip, ``optax.adamw``), and ``vmap`` over the
+microbatches of ``gnb_diag``, ``hutchinson_diag`` and ``grad(loss)``.
+Reported: medians, per-round ratios, XLA's memory, issue 6's ``TARGET``
+(docs/performance.md). Writes ``results/step_time[_quick].json`` and,
+without ``--quick``, its RESULTS.md section::
 
   python -m benchmarks.step_time --presets tiny     # ~10 min on 2 cores
   python -m benchmarks.step_time                    # tiny and small
@@ -196,16 +193,15 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="default: tiny small (tiny with --quick)")
   add("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
   add("--model", action="append", default=[], metavar="FIELD=VALUE",
-      help="override a model field, as in the example")
+      help="as in the example")
   add("--microbatches", type=int, default=8)
   add("--microbatch-size", type=int, default=2)
   add("--seq-len", type=int, default=128)
   add("--rounds", type=int, help="default 15 (3 with --quick)")
-  add("--max-seconds", type=float, default=900.0,
-      help="per preset: stop the rounds after this (>= 3 rounds)")
+  add("--max-seconds", type=float, default=900.0, help="per preset (>= 3 "
+      "rounds)")
   add("--warmup", type=int, default=2, help="untimed calls per program")
-  add("--fast-compile", action="store_true",
-      help="the example's --fast-compile (smoke tests)")
+  add("--fast-compile", action="store_true", help="as in the example")
   add("--quick", action="store_true", help="3 rounds of tiny; no RESULTS.md")
   add("--out", help="JSON (default results/step_time[_quick].json)")
   args = p.parse_args(argv)

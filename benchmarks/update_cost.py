@@ -1,28 +1,21 @@
 r"""Cost of one optimizer update: bcopt's three families against optax.
 
-Each cell (a family at one size and M) compiles its variants and times them
-interleaved in one process (``harness``: state donated and fed back,
-compile and ``--warmup`` calls excluded, rotated rounds, wall and process
-CPU time; ``--max-seconds`` once 3 rounds are done). Reported: medians,
-quartiles, ratios to the baselines, XLA's memory and cost figures, state
-bytes, each cell's load average. Cost models: docs/performance.md.
+Each cell (a family, a size, an M) times its compiled variants interleaved
+(``harness``; compile and ``--warmup`` calls excluded, ``--max-seconds``
+once 3 rounds are done): medians, ratios to the baselines, XLA's memory and
+cost figures, state bytes (cost models: docs/performance.md).
 
-* ``adam``: ``ADAM`` on LM-shaped trees (``SIZES``), against
-  ``optax.scale_by_adam`` on the mean by (a) ``jnp.mean(g, 0)`` and (b)
-  ``bcopt.microbatch_mean``; also behind bcopt's and optax's clip.
-* ``sophia``: ``SOPHIA`` on refresh and cached-inverse steps against (a),
-  (b), Adam-BC and ``optax.contrib.sophia``; amortized over ``REFRESH_EVERY``.
-* ``shampoo``: one ``d x d`` parameter, ``SHAMPOO`` on root and non-root
-  steps (one program, the count set before each call), ``optax.adam``, one
-  ``eigh``, one projection; ``memory_step_only``: each step compiled alone.
+* ``adam``: ``ADAM`` on LM-shaped trees against ``optax.scale_by_adam`` on
+  the mean by (a) ``jnp.mean(g, 0)``, (b) ``bcopt.microbatch_mean``; clipped.
+* ``sophia``: ``SOPHIA``'s refresh and cached steps against (a), (b),
+  Adam-BC and ``optax.contrib.sophia``, amortized over ``REFRESH_EVERY``.
+* ``shampoo``: one ``d x d`` parameter, ``SHAMPOO``'s root and other steps
+  (one program), ``optax.adam``, one ``eigh``, one projection.
 
-``--ref COMMIT`` also times bcopt at COMMIT (as ``bcopt_ref``): twins
-``NAME @ref``, ratios ``vs.ref`` and ``bitwise_equal_ref`` (first outputs).
-``OPENBLAS_NUM_THREADS`` is 1 unless set (busy-waiting threads make LAPACK
-``eigh`` crawl on a loaded machine).
-
-Usage (``results/update_cost[_quick|_ref].json``; RESULTS.md without
-``--quick`` or ``--ref``)::
+``--ref COMMIT`` adds bcopt at COMMIT (``bcopt_ref``): twins ``NAME @ref``
+and ``bitwise_equal_ref``. ``OPENBLAS_NUM_THREADS`` is 1 unless set (its
+busy-waiting threads stall LAPACK ``eigh`` under load). Writes
+``results/update_cost[_quick|_ref].json``, RESULTS.md without either::
 
   python -m benchmarks.update_cost --quick           # a smoke run
   python -m benchmarks.update_cost                   # every family
@@ -327,11 +320,9 @@ def shampoo_summary(v: dict, m: int) -> dict:
   terms = {"eigh_in_projections": (EIGH, PROJECTION, 1, 0),
            "predicted_overhead twofold": (PROJECTION, "twofold, root",
                                           1.5 * m, 0)}
-  for name in SHAMPOO:
-    base = name.split(" + ")[0]
-    if base != name:
-      terms[f"correction_overhead {base}"] = (f"{name}, root",
-                                              f"{base}, root", 1, -1)
+  terms |= {f"correction_overhead {base}": (f"{name}, root", f"{base}, root",
+                                            1, -1) for name in SHAMPOO
+            if (base := name.split(" + ")[0]) != name}
   for kind in STEPS:
     terms[f"twofold + jackknife, {kind} step / optax.adam"] = (
         f"twofold + jackknife, {kind}", ADAM_MEAN, 1, 0)
@@ -418,25 +409,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = harness.parser(MODULE, __doc__)
   add = p.add_argument
   add("--family", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-  add("--ref", metavar="COMMIT",
-      help="also time bcopt at COMMIT and compare its outputs bit for bit")
+  add("--ref", metavar="COMMIT", help="also time bcopt at COMMIT")
   add("--quick", action="store_true", help="a smoke run (2M, M=8; d=128, "
       "M=4; 3 rounds of <= 10 s); no RESULTS.md section")
-  add("--sizes", nargs="+", choices=SIZES,
-      help="adam, sophia: LM-shaped trees (default 2M 16M)")
-  add("--dims", nargs="+", type=int,
-      help="shampoo: d of the d x d parameter (default 256 1024)")
-  add("--microbatches", nargs="+", type=int,
-      help=f"M, for every family (default {MICROBATCHES})")
+  add("--sizes", nargs="+", choices=SIZES, help="adam/sophia trees (2M 16M)")
+  add("--dims", nargs="+", type=int, help="shampoo's d (256 1024)")
+  add("--microbatches", nargs="+", type=int, help=f"M ({MICROBATCHES})")
   add("--variants", nargs="+", metavar="TEXT", help="only the variants "
       "whose names contain one of these (and the baselines)")
   add("--reps", type=int, help="rounds per cell (default 15)")
-  add("--max-seconds", type=float,
-      help="a cell stops after this once it has 3 rounds (default 60)")
-  add("--warmup", type=int, default=2,
-      help="untimed calls per variant after the first")
-  add("--out", help="JSON path (default "
-      "benchmarks/results/update_cost[_quick|_ref].json)")
+  add("--max-seconds", type=float, help="per cell, after 3 rounds (60)")
+  add("--warmup", type=int, default=2, help="untimed calls after the first")
+  add("--out", help="JSON (default results/update_cost[_quick|_ref].json)")
   args = p.parse_args(argv)
   q = args.quick
   args.sizes = args.sizes or (["2M"] if q else ["2M", "16M"])
