@@ -62,9 +62,8 @@ def metrics(out) -> list[dict]:
 
 def subprocess_runner(argv: Sequence[str], module: str = MODULE) -> dict:
   """Trains in a ``python -m module`` subprocess; returns its summary.
-  Raises ``FloatingPointError`` on a NaN or infinite loss,
-  ``KeyboardInterrupt`` once the run saved its checkpoint, ``RuntimeError``
-  on any other failure (with the end of its stderr)."""
+  ``FloatingPointError``: a NaN or infinite loss; ``KeyboardInterrupt``:
+  once the run saved its checkpoint; ``RuntimeError``: any other failure."""
   with subprocess.Popen([sys.executable, "-m", module, *argv],
                         cwd=harness.ROOT, stderr=subprocess.PIPE,
                         text=True) as p:
@@ -105,16 +104,13 @@ def _cpu_children() -> float:
 def run(argv: Sequence[str], runner: Optional[Callable] = None,
         replace: bool = False) -> dict:
   """Reuses ``argv``'s folder (``--out``) if its ``summary.json`` has the
-  same command, resumes its checkpoints of the same settings (``--resume``:
-  the example reproduces the uninterrupted run on CPU), else trains afresh
-  (``ValueError`` if the folder holds another run, unless ``replace``);
-  ``runner(argv) -> summary`` trains (default: a subprocess).
-
-  Returns the summary with the canonical ``command`` (without ``--resume``)
-  and ``benchmark``: the code's git state at the start, the subprocess's
-  wall and CPU seconds, the 1-minute load average at the start and whether
-  it resumed (a diverged run's: only these and ``diverged``).
-  """
+  same command, resumes its checkpoints of the same settings (``--resume``;
+  the example then reproduces the whole run on CPU), else trains afresh
+  with ``runner`` (``ValueError`` if the folder holds another run, unless
+  ``replace``). Returns the summary with the ``command`` (no ``--resume``)
+  and ``benchmark``: the code's git state, the subprocess's wall and CPU
+  seconds, the load at the start, whether it resumed (a diverged run's:
+  only these and ``diverged``)."""
   argv, cmd, out = list(argv), command(argv), out_dir(argv)
   path = out / "summary.json"
   summary = harness.read_json(path)
@@ -146,9 +142,8 @@ def run(argv: Sequence[str], runner: Optional[Callable] = None,
 
 def parser(module: str, doc: str, quick: str, results: tuple, runs: tuple
            ) -> argparse.ArgumentParser:
-  """The flags of both scripts: --quick (help ``quick``), --report-only,
-  --results and --runs-dir (defaults without and with --quick, relative to
-  the root: ``results`` and ``runs``; see :func:`paths`)."""
+  """Both scripts' --quick (help ``quick``), --report-only, --results and
+  --runs-dir (defaults ``results``, ``runs``: without and with --quick)."""
   p = harness.parser(module, doc)
   p.add_argument("--quick", action="store_true", help=quick)
   p.add_argument("--report-only", action="store_true", help="rebuild the "
@@ -183,9 +178,9 @@ def mean_se(x) -> dict:
 
 
 def paired(a: dict, b: dict) -> Optional[dict]:
-  """``a - b`` over the seeds both have ({seed: loss}, None: diverged):
-  mean, se (None for one seed), n, the number of seeds where ``a`` is
-  lower (``improved``), the seeds and the differences."""
+  """``a - b`` over the seeds both have ({seed: loss}, None: diverged): mean,
+  se (None for one seed), n, ``improved`` (seeds where ``a`` is lower),
+  the seeds and the differences."""
   seeds = sorted(s for s in set(a) & set(b)
                  if a[s] is not None and b[s] is not None)
   if not seeds:
