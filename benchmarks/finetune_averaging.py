@@ -1,20 +1,14 @@
 r"""Fine-tuning with iterate averaging: none vs EMA vs BEMA (issue 7).
 
-On the LM example (subprocesses, ``lm_runs``): pretrain ``tiny`` on
-``PRETRAIN_PLAYS`` once, fine-tune it on ``FINETUNE_PLAYS`` at a constant
-rate chosen from ``LR_CANDIDATES`` on the validation plays (seed
-``SELECTION_SEED``), one run per seed with ``--average ema,bema`` at the
-fixed ``AVERAGING`` (the raw iterates, EMA and BEMA of one trajectory;
-seed 0 checked against ``--average none``), then ``sensitivity_variants``
-on the validation plays and each average's best on the seeds. The
-experiment and its reading: docs/averaging.md.
-
-Outputs: ``benchmarks/results/finetune_averaging[_quick].json`` (every run's
-command, curves and numbers), the PNG next to it and, without ``--quick``,
-the RESULTS.md section. Finished runs in ``runs/finetune_averaging[_quick]``
-are reused and interrupted ones resumed.
-
-Usage::
+On the LM example (``lm_runs``): pretrain once, fine-tune on
+``FINETUNE_PLAYS`` at the rate of ``LR_CANDIDATES`` best on the validation
+plays, one ``--average ema,bema`` run per seed (raw, EMA and BEMA of one
+trajectory; seed 0 checked against ``--average none``), then the
+``sensitivity_variants`` on the validation plays and each average's best on
+the seeds (docs/averaging.md). Writes ``results/finetune_averaging.json``
+(every run's command and numbers; ``_quick`` with ``--quick``), the PNG
+next to it and, without ``--quick``, the RESULTS.md section; finished runs
+are reused, interrupted ones resumed::
 
   python -m benchmarks.finetune_averaging            # about an hour, 2 cores
   python -m benchmarks.finetune_averaging --quick    # a few minutes
@@ -53,12 +47,10 @@ AVERAGING = {"--average-ema-power": 0.5, "--average-bias-power": 0.2,
              "--average-every": 1}
 # The same eval_windows (eval_batches x microbatches x size) in both phases:
 # the pretrained model's final losses are the fine-tune's step 0.
-SIZES = {
-    "full": dict(pretrain_steps=600, finetune_steps=400, eval_every=20,
-                 eval_windows=128, seeds=SEEDS),
-    "quick": dict(pretrain_steps=30, finetune_steps=20, eval_every=5,
-                  eval_windows=16, seeds=SEEDS[:2]),
-}
+SIZES = {"full": dict(pretrain_steps=600, finetune_steps=400, eval_every=20,
+                      eval_windows=128, seeds=SEEDS),
+         "quick": dict(pretrain_steps=30, finetune_steps=20, eval_every=5,
+                       eval_windows=16, seeds=SEEDS[:2])}
 PRETRAIN = dict(microbatches=8, microbatch_size=2, lr=3e-3, warmup=20,
                 schedule="cosine")
 FINETUNE = dict(microbatches=4, microbatch_size=1, warmup=10,
@@ -71,8 +63,7 @@ RESULTS = tuple(f"benchmarks/results/finetune_averaging{q}.json"
 RUNS = ("runs/finetune_averaging", "runs/finetune_averaging_quick")
 
 
-def common_flags(size: dict, phase: dict, eval_test: bool = True
-                 ) -> list[str]:
+def common_flags(size: dict, phase: dict, eval_test: bool = True) -> list[str]:
   eval_batches = size["eval_windows"] // (phase["microbatches"]
                                           * phase["microbatch_size"])
   return ["--preset", "tiny", "--optimizer", "adamw_bc", "--seq-len", "128",
@@ -204,11 +195,9 @@ def curves(runs: list[dict], start: dict, split: str = "test") -> dict:
 def summarize(c: dict) -> dict:
   """Per-method and paired statistics of ``curves`` output."""
   steps = c["steps"]
-  per_seed = {m: {
+  per_seed = {m: {  # mean, lowest and its first step: over steps 1, 2, ...
       "final": c[m][:, -1].tolist(),
-      # Mean over the fine-tune's evaluations (step 0, shared, excluded).
       "mean_over_steps": c[m][:, 1:].mean(axis=1).tolist(),
-      # The lowest loss along the fine-tune and the first step with it.
       "best": c[m][:, 1:].min(axis=1).tolist(),
       "best_step": [int(steps[1:][i]) for i in c[m][:, 1:].argmin(axis=1)],
   } for m in METHODS}
@@ -232,10 +221,6 @@ def verdict(diff: dict) -> str:
   return f"{word} ({'more' if abs(mean) > 2 * se else 'less'} than 2 se from 0)"
 
 
-def pair_name(key: str) -> str:
-  return key.replace("-", " − ").upper().replace("NONE", "none")
-
-
 def claims(paired: dict) -> str:
   """BEMA against the last iterate and EMA (final and mean), in words."""
   return "; ".join(
@@ -246,10 +231,11 @@ def claims(paired: dict) -> str:
           ("its mean over the fine-tune", "mean_over_steps")))
 
 
-def method_table(s: dict, names: dict, val: dict | None = None) -> str:
+def method_table(s: dict, val: dict | None = None, variant=None) -> str:
   """Each method's test losses and their differences to none (``val``:
   with the step of the lowest test loss and the final validation loss)."""
-  fmt = lm_runs.fmt
+  fmt, names = lm_runs.fmt, {m: NAMES[m] + (
+      f" ({variant[m]})" if variant and m != "none" else "") for m in METHODS}
   return harness.table(
       ["method", "final test loss", "mean test loss over the fine-tune",
        "lowest test loss along it"]
@@ -306,7 +292,7 @@ def markdown(payload: dict) -> str:
       f"Pretrained model (step 0): test loss "
       f"{payload['pretrained']['test_loss']:.4f}, validation "
       f"{payload['pretrained']['val_loss']:.4f} nats/byte.", "",
-      method_table(s, NAMES, payload["summary"]["val"]), "",
+      method_table(s, payload["summary"]["val"]), "",
       "Against the paper's claim (arXiv:2508.00180: BEMA converges faster "
       f"and ends better than EMA and no averaging): {claims(s['paired'])}. "
       "Along the fine-tune's displacement d = theta_T - theta_0 (|d| = "
@@ -318,9 +304,8 @@ def markdown(payload: dict) -> str:
       f"s)^-{power:g} is {alpha:.2f} at the last step. The raw test loss "
       f"(mean over seeds) is lowest at step {s['steps'][low]} "
       f"({raw[low]:.4f}) and ends at {raw[-1]:.4f}.", "",
-      "Sensitivity on the validation plays (seed "
-      f"{payload['sensitivity']['seed']}, same learning rate; the bias power"
-      " applies to BEMA only), final and mean validation loss:", "",
+      f"Sensitivity on validation (seed {payload['sensitivity']['seed']}, "
+      "same rate; bias power: BEMA only), final and mean loss:", "",
       harness.table(
           ["variant", "none final", "EMA final", "BEMA final", "none mean",
            "EMA mean", "BEMA mean"],
@@ -329,9 +314,7 @@ def markdown(payload: dict) -> str:
            for label, var in payload["sensitivity"]["variants"].items()]), "",
       "Each average with its variant that ends lowest there, on the test "
       "plays:", "",
-      method_table(sel["test"], {m: NAMES[m] if m == "none" else
-                                 f"{NAMES[m]} ({sel['variant'][m]})"
-                                 for m in METHODS}), "",
+      method_table(sel["test"], variant=sel["variant"]), "",
       f"With these variants {claims(sel['test']['paired'])}. Their final "
       f"averages sit at {along('ema'):+.3f} d (EMA) and {along('bema'):+.3f}"
       " d (BEMA) from the last iterate" + (
@@ -352,6 +335,7 @@ def plot(payload: dict, path: pathlib.Path) -> None:
   steps = np.array(s["steps"])
   colors = {"none": "C0", "ema": "C1", "bema": "C2", "bema-none": "C2",
             "ema-none": "C1", "bema-ema": "C3"}
+  pair_name = lambda k: k.replace("-", " − ").upper().replace("NONE", "none")
   fig, (ax, bx) = lm_runs.subplots(1, 2, figsize=(12, 4.5))
 
   def band(axis, curve, key, label, first=0):
@@ -432,9 +416,8 @@ def main(argv=None, runner=None) -> dict:
   fine = [fine_run(seed, lr) for seed in seeds]
   check = fine_run(seeds[0], lr, "none")
   tags = sensitivity_variants(size)
-  variants = {label: (overrides, fine_run(SELECTION_SEED, lr, overrides=
-                                          overrides, tag=tag,
-                                          validation_only=True))
+  variants = {label: (overrides, fine_run(
+      SELECTION_SEED, lr, overrides=overrides, tag=tag, validation_only=True))
               for label, (tag, overrides) in tags.items()}
   start = {k: pre["evals"][-1][k] for k in ("val_loss", "test_loss")}
   # Each average's variant with the lowest final validation loss, then run

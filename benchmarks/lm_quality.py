@@ -1,18 +1,13 @@
 r"""Does bias correction pay? A tuned, seeded comparison on the LM example.
 
-Each cell is one training run of the example (``lm_runs``). Per family,
-``std`` and ``bc`` get the rate best on the validation plays (seed 0,
-``LR_GRID`` extended past an edge); then every arm (the ablations at the
-``bc`` rate; AdamW also on noisy data) runs ``--seeds`` seeds, compared on
-the test plays, paired by seed. Protocol and findings: docs/quality.md.
-
-Results: ``benchmarks/results/lm_quality.json``, a record per run, whose
-``command`` reruns it into ``{out}`` (recorded cells are skipped,
-interrupted runs resume); curves in ``lm_quality_curves.json``; the
-RESULTS.md section and ``lm_quality.png`` are rebuilt from the records.
-
-Usage (on an accelerator add e.g. ``--preset small --devices N --steps
-2000``; only records of the same settings are reused)::
+Each cell is one training run (``lm_runs``); ``std`` and ``bc`` get their
+best rate on the validation plays (seed 0, ``LR_GRID``), then every arm
+runs ``--seeds`` seeds (ablations at the ``bc`` rate, AdamW also on noisy
+data), compared on the test plays by seed (docs/quality.md). Records go to
+``results/lm_quality.json`` (each ``command`` reruns one into ``{out}``;
+recorded cells are skipped, interrupted ones resume), curves next to it;
+the RESULTS.md section and PNG are rebuilt from them. On an accelerator add
+e.g. ``--preset small --devices N --steps 2000``::
 
   python -m benchmarks.lm_quality --quick          # adamw vs adamw_bc, seed 0
   python -m benchmarks.lm_quality                  # the grid (hours on CPU)
@@ -44,8 +39,7 @@ ABLATIONS = ("cf", "inv", "paper")
 PAPER_DELTA = {"adamw": -0.1489, "sophia": -0.0701, "shampoo": -0.1103,
                "adamw-noise": -0.0191}
 # Starting learning-rate grids (factor 2 apart).
-LR_GRID = {"adamw": (1.5e-3, 3e-3, 6e-3),
-           "sophia": (7.5e-4, 1.5e-3, 3e-3),
+LR_GRID = {"adamw": (1.5e-3, 3e-3, 6e-3), "sophia": (7.5e-4, 1.5e-3, 3e-3),
            "shampoo": (1.5e-3, 3e-3, 6e-3)}
 MAX_EXTEND = 2
 NOISE = 0.2
@@ -54,8 +48,7 @@ QUICK_LR = 3e-3     # --quick, before the full grid has chosen: both arms
 REPRODUCE_TOLERANCE = 0.02  # a record's command must give its losses to this
 SHAPE = ("steps", "microbatches", "microbatch_size", "seq_len")
 LOSSES = ("final_eval_loss", "final_val_loss")   # test, validation
-# Results (--quick's stay out of the committed ones: it always trains) and
-# run folders, without and with --quick, relative to the root.
+# Results and run folders without and with --quick (which always trains).
 RESULTS = ("benchmarks/results/lm_quality.json", "runs/lm_quality_quick.json")
 RUNS = ("runs/lm_quality", "runs/lm_quality_quick")
 
@@ -177,11 +170,10 @@ def curves_path(results: pathlib.Path) -> pathlib.Path:
 def save_curve(path: pathlib.Path, name: str, out: pathlib.Path) -> None:
   """Adds a run's training-loss and validation curves to ``path``."""
   records, curves = lm_runs.metrics(out), harness.read_json(path, {})
-  curves[name] = {
-      "step": [r["step"] for r in records],
-      "train_loss": [round(r["train_loss"], 4) for r in records],
-      "val": [[r["step"], round(r["val_loss"], 5)] for r in records
-              if "val_loss" in r]}
+  curves[name] = {"step": [r["step"] for r in records],
+                  "train_loss": [round(r["train_loss"], 4) for r in records],
+                  "val": [[r["step"], round(r["val_loss"], 5)]
+                          for r in records if "val_loss" in r]}
   if records:
     harness.write_json(path, curves)
 
@@ -197,8 +189,8 @@ def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
   s = lm_runs.run(lm_runs.argv_of(command, out), runner, replace=True)
   record = {
       "data": cell.data, "family": cell.family, "variant": cell.variant,
-      "lr": cell.lr, "seed": cell.seed, "final_val_loss": s.get(
-          "final_val_loss"), "final_eval_loss": s.get("final_eval_loss"),
+      "lr": cell.lr, "seed": cell.seed,
+      **{k: s.get(k) for k in ("final_val_loss", "final_eval_loss")},
       **{k: getattr(setting, k) for k in SHAPE},
       "tokens": s.get("tokens", math.prod(getattr(setting, k) for k in SHAPE)),
       "wall_s": s.get("wall_s"), "command": command,
@@ -218,9 +210,8 @@ def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
 
 def rerun_unversioned(results: pathlib.Path, setting: Setting,
                       families, run) -> int:
-  """Re-runs the records of ``families`` (and this setting) that have no
-  ``code`` (older code made them), moving them to ``superseded`` (kept, no
-  longer read); returns how many. ``run(cell) -> record``."""
+  """Re-runs the records of ``families`` (this setting) without ``code``,
+  moving them to ``superseded`` (kept, not read); returns how many."""
   stale = [r for r in load_runs(results) if "code" not in r
            and r["family"] in families and setting.matches(r)]
   for r in stale:
@@ -235,10 +226,9 @@ def rerun_unversioned(results: pathlib.Path, setting: Setting,
 
 def verify(results: pathlib.Path, runs_dir: pathlib.Path, count: int,
            runner=None, tolerance: float = REPRODUCE_TOLERANCE) -> dict:
-  """Re-runs ``count`` records spread over the file (the oldest and newest
-  included) from their ``command``. Returns ``{"tolerance", "checks",
-  "max_abs_diff", "ok"}``, a check per record: its cell, command, code and
-  recorded and re-run losses (``diff``: re-run - recorded)."""
+  """Re-runs ``count`` records spread over the file (first and last
+  included) from their ``command``: {"tolerance", "checks" (per record its
+  cell, command, code, recorded and re-run losses), "max_abs_diff", "ok"}."""
   if not (runs := [r for r in load_runs(results)
                    if r.get("status", "ok") == "ok"]):
     raise ValueError(f"{results} has no finished runs to verify")
@@ -271,8 +261,7 @@ def val_loss(record: dict | None) -> float:
 
 def choose_lr(family: str, arm: str, setting: Setting, run) -> tuple:
   """Seed-0 search from ``LR_GRID[family]``, extended by factors of 2 past
-  an edge holding the best validation loss (at most ``MAX_EXTEND`` times);
-  ``run(cell) -> record``. Returns (best lr, tried lrs)."""
+  an edge with the best validation loss; returns (best lr, tried lrs)."""
   grid = sorted(LR_GRID[family])
   scores = {}
   for _ in range(MAX_EXTEND + 1):
@@ -311,9 +300,8 @@ def quick_lrs(results: pathlib.Path, setting: Setting) -> dict:
 def run_family(family: str, setting: Setting, seeds: int, run,
                noise: bool, arms: tuple[str, ...] = MAIN_ARMS + ABLATIONS
                ) -> None:
-  """The learning-rate search of both main arms (always: every rate comes
-  from it), then seeds ``0 .. seeds-1`` of ``arms`` (and of the noisy main
-  arms if ``noise``)."""
+  """The learning-rate search of both main arms (always), then seeds ``0 ..
+  seeds-1`` of ``arms`` (and of the noisy main arms if ``noise``)."""
   lrs = {arm: choose_lr(family, arm, setting, run)[0] for arm in MAIN_ARMS}
   log(f"{family}: chosen learning rates {lrs}")
   main_arms = [arm for arm in MAIN_ARMS if arm in arms]
@@ -402,13 +390,12 @@ def report_markdown(runs: list[dict], setting: Setting, summary: dict,
         diff(d), improved(d), f"{PAPER_DELTA[family]:+.3f}"])
     if fam["noise"]:
       nz, paper = fam["noise"], PAPER_DELTA.get(family + "-noise")
-      main_rows.append([
-          f"{family}, noise q = {NOISE:g}", "(same)", "(same)",
-          loss(nz["std"]), loss(nz["bc"]), diff(nz["diff"]),
-          improved(nz["diff"]), "-" if paper is None else f"{paper:+.3f}"])
+      main_rows.append([f"{family}, noise q = {NOISE:g}", "(same)", "(same)",
+                        loss(nz["std"]), loss(nz["bc"]), diff(nz["diff"]),
+                        improved(nz["diff"]),
+                        "-" if paper is None else f"{paper:+.3f}"])
     for arm in (a for a in MAIN_ARMS + ABLATIONS if a in arms):
-      a, d, db = arms[arm], fam["diffs"].get(arm), fam["diffs"].get(
-          f"{arm}-bc")
+      a, d, db = arms[arm], fam["diffs"].get(arm), fam["diffs"].get(f"{arm}-bc")
       div = f" ({a['diverged']} diverged)" if a["diverged"] else ""
       ablation_rows.append([
           family, arm, f"{a['lr']:g}", f"{a['n']}{div}", loss(a["mean"]),
@@ -424,45 +411,37 @@ def report_markdown(runs: list[dict], setting: Setting, summary: dict,
       grid_rows.append([family, arm, ", ".join(cells) + note])
   missing = [f for f in FAMILIES if f not in summary]
   return "\n".join([
-      head, "",
-      f"`{setting.preset}` preset, {setting.steps} steps of M = "
-      f"{setting.microbatches} microbatches x {setting.microbatch_size} "
-      f"sequences x {setting.seq_len} tokens ({tokens} tokens/step, "
-      f"{tokens * setting.steps:,} tokens/run) of byte-level Shakespeare "
-      "(`examples/lm/data.py`: 32 training plays; the validation plays "
-      "choose the learning rate, the test plays are reported), cosine "
-      f"schedule, {setting.warmup} warm-up steps, 0.1 floor; the protocol: "
-      "`docs/quality.md`. Differences are `arm - std` test losses in "
-      "nats/token, paired by seed (initialisation and batch order), ± one "
-      "standard error; \"improved\" counts the seeds where the arm is lower.",
-      "", f"{len(sel)} runs in `benchmarks/results/{results_name}`"
-      + (f"; a run took a median {np.median(walls):.0f} s of training wall "
-         f"time ({np.median(cpus):.0f} s of process CPU time with "
-         "compilation) on this shared 2-core CPU machine (1-minute load "
-         f"average {min(loads):.1f}-{max(loads):.1f} at the runs' starts)"
+      head, "", f"`{setting.preset}` preset, {setting.steps} steps of M = "
+      f"{setting.microbatches} x {setting.microbatch_size} sequences x "
+      f"{setting.seq_len} tokens ({tokens} tokens/step, "
+      f"{tokens * setting.steps:,}/run) of byte-level Shakespeare (32 "
+      f"training plays), cosine schedule, {setting.warmup} warm-up steps, 0.1"
+      " floor (docs/quality.md). `arm - std`: test loss in nats/token, paired"
+      " by seed, ± one standard error; improved: seeds where the arm is "
+      f"lower. {len(sel)} runs in `benchmarks/results/{results_name}`"
+      + (f"; a median {np.median(walls):.0f} s of training wall time per run"
+         f" ({np.median(cpus):.0f} s of process CPU time with compilation) "
+         "on this shared 2-core CPU machine (1-minute load average "
+         f"{min(loads):.1f}-{max(loads):.1f} at the starts)"
          if walls and cpus and loads else "")
-      + (f"; the {len(light)} runs started at a load average below "
-         f"{LIGHT_LOAD:g} took a median {np.median(light):.0f} s." if light
-         else "."), "",
+      + (f"; {np.median(light):.0f} s for the {len(light)} runs started "
+         f"below a load of {LIGHT_LOAD:g}." if light else "."), "",
       harness.table(["family", "lr std", "lr bc", "test std", "test bc",
                      "bc - std", "improved", "paper (Qwen2.5-0.5B)"],
                     main_rows), "",
-      "Ablations at the `bc` learning rate (same seeds): `cf` cross-fit "
-      "only, `inv` inverse correction only, `paper` the reference code's "
-      "variant (AdamW LOO, Sophia/Shampoo twofold, `\"paper\"` estimator).",
+      "Ablations at the `bc` rate, same seeds: `cf` cross-fit only, `inv` "
+      "inverse correction only, `paper` the reference code's variant.",
       "", harness.table(["family", "arm", "lr", "seeds", "mean test",
                          "arm - std", "improved vs std", "arm - bc"],
                         ablation_rows), "",
       "Learning-rate search (seed 0, factor-2 grid; final validation loss, "
-      "**bold** = chosen; an edge choice was not bracketed within the "
-      "extension budget):", "",
+      "**bold**: chosen):", "",
       harness.table(["family", "arm", "lr: validation loss"], grid_rows),
       *(["", f"Not run yet: {', '.join(missing)}."] if missing else []), "",
       f"![paired differences and loss curves]({png})", "",
-      f"Reproduce: `python -m {MODULE}` (resumable; `--families adamw`: one "
-      "family, `--report-only`: this section); every record's `command` "
-      "reruns one cell. On an accelerator add e.g. `--preset small --steps "
-      "2000 --devices N`."])
+      f"Reproduce: `python -m {MODULE}` (resumable; `--report-only`: this "
+      "section; on an accelerator add e.g. `--preset small --steps 2000 "
+      "--devices N`); every record's `command` reruns one cell."])
 
 
 def plot(summary: dict, curves: dict, runs: list[dict], setting: Setting,
@@ -523,7 +502,8 @@ def report(results: pathlib.Path, setting: Setting, png: pathlib.Path,
       png, (results_md or harness.RESULTS_MD).parent), results.name)
   print(section)
   if summary:
-    plot(summary, harness.read_json(curves_path(results), {}), runs, setting, png)
+    curves = harness.read_json(curves_path(results), {})
+    plot(summary, curves, runs, setting, png)
   if results_md is not None:
     harness.write_section("lm_quality", section, results_md)
   return summary
@@ -538,14 +518,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   add("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
   add("--seeds", type=int, default=3)
   add("--arms", nargs="+", default=list(MAIN_ARMS + ABLATIONS),
-      choices=MAIN_ARMS + ABLATIONS, help="arms that get seeds (default: "
-      "all; the learning-rate search always runs)")
+      choices=MAIN_ARMS + ABLATIONS, help="the arms that get seeds")
   add("--no-noise", action="store_true", help="skip AdamW's noisy-data row")
-  add("--rerun-unversioned", action="store_true", help="first re-run the "
-      "families' records without `code` (the old ones go to `superseded`)")
+  add("--rerun-unversioned", action="store_true",
+      help="first re-run the families' records that have no `code`")
   add("--verify", type=int, metavar="K", help="re-run K records spread over "
-      "the file into lm_quality_verify.json next to it (earlier checks under"
-      f" `previous`); fail if a loss moved by more than {REPRODUCE_TOLERANCE}")
+      f"the file (*_verify.json); fail if a loss moves > {REPRODUCE_TOLERANCE}")
   shape = ("preset", *SHAPE, "devices")
   for k in shape:
     add("--" + k.replace("_", "-"), default=getattr(Setting, k),
