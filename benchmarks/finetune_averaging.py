@@ -1,21 +1,17 @@
 r"""Fine-tuning with iterate averaging: none vs EMA vs BEMA (issue 7).
 
-On the LM example (``lm_runs``): pretrain once, fine-tune on
-``FINETUNE_PLAYS`` at the rate of ``LR_CANDIDATES`` best on the validation
-plays, one ``--average ema,bema`` run per seed (raw, EMA and BEMA of one
-trajectory; seed 0 checked against ``--average none``), then the
-``sensitivity_variants`` on the validation plays and each average's best on
-the seeds (docs/averaging.md). Writes ``results/finetune_averaging.json``
-(every run's command and numbers; ``_quick`` with ``--quick``), the PNG
-next to it and, without ``--quick``, the RESULTS.md section; finished runs
-are reused, interrupted ones resumed::
+The experiment of docs/averaging.md on the LM example, as ``lm_runs``
+training runs: pretraining, the learning-rate selection, one ``--average
+ema,bema`` fine-tune per seed (and an ``--average none`` check), the
+``sensitivity_variants`` and each average's best. Writes
+``results/finetune_averaging[_quick].json`` (every run's command and
+numbers), the PNG next to it and, without ``--quick``, the RESULTS.md
+section; finished runs are reused, interrupted ones resumed::
 
   python -m benchmarks.finetune_averaging            # about an hour, 2 cores
   python -m benchmarks.finetune_averaging --quick    # a few minutes
   python -m benchmarks.finetune_averaging --report-only
 """
-
-from __future__ import annotations
 
 import argparse
 import json
@@ -117,8 +113,7 @@ def finetune_argv(size: dict, runs: pathlib.Path, seed: int, lr: float,
 
 
 def run(argv: list[str], runner=None) -> dict:
-  """One training run (reused, resumed or trained: ``lm_runs.run``); its
-  record: command, folder, summary, evaluations and training losses."""
+  """``lm_runs.run``'s record: command, folder, summary, evals, train loss."""
   summary = lm_runs.run(argv, runner)
   if "diverged" in summary:
     raise FloatingPointError(f"{summary['command']}: {summary['diverged']}")

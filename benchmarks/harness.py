@@ -3,8 +3,6 @@ interleaved timing (:class:`Runner`, :func:`time_rounds`), memory figures,
 atomic JSON, RESULTS.md sections, flags, recorded commands and tables.
 """
 
-from __future__ import annotations
-
 import argparse
 import datetime
 import json
@@ -89,8 +87,8 @@ def environment() -> dict[str, Any]:
 
 
 def finish(env: dict[str, Any]) -> dict[str, Any]:
-  """``env`` with the load average, wall seconds since its start and the
-  process CPU seconds (all threads, since the process started) at the end."""
+  """``env`` with the load average, wall seconds since its start and process
+  CPU seconds (all threads, since the process started) at the end."""
   start = datetime.datetime.fromisoformat(env["date_utc"])
   now = datetime.datetime.now(datetime.timezone.utc)
   env.update(loadavg_end=list(os.getloadavg()),
@@ -220,8 +218,7 @@ def with_count(state: Any, count: int, of: Optional[type] = None) -> Any:
 # Results -------------------------------------------------------------------
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
-  """Writes a temporary file next to ``path``, then renames it over
-  ``path``: a crash never leaves a partial file."""
+  """Writes ``path`` through a renamed temporary file: never half written."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -260,8 +257,8 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 def write_section(name: str, body: str, path: pathlib.Path = RESULTS_MD
                   ) -> None:
-  """:func:`replace_section` on the file as it is now (re-read: other
-  scripts write their own sections), written atomically."""
+  """:func:`replace_section` on the file as it is now (re-read: other scripts
+  write their own sections), written atomically."""
   path = pathlib.Path(path)
   text = path.read_text() if path.exists() else RESULTS_HEADER
   _write_atomic(path, replace_section(text, name, body))

@@ -1,13 +1,12 @@
 r"""Does bias correction pay? A tuned, seeded comparison on the LM example.
 
-Each cell is one training run (``lm_runs``); ``std`` and ``bc`` get their
-best rate on the validation plays (seed 0, ``LR_GRID``), then every arm
-runs ``--seeds`` seeds (ablations at the ``bc`` rate, AdamW also on noisy
-data), compared on the test plays by seed (docs/quality.md). Records go to
-``results/lm_quality.json`` (each ``command`` reruns one into ``{out}``;
-recorded cells are skipped, interrupted ones resume), curves next to it;
-the RESULTS.md section and PNG are rebuilt from them. On an accelerator add
-e.g. ``--preset small --devices N --steps 2000``::
+The grid (rates chosen on validation with seed 0, then seeded arms and
+ablations compared on test; docs/quality.md) is one ``lm_runs`` training
+run per cell, recorded in ``results/lm_quality.json`` (curves in
+``lm_quality_curves.json``) with the ``command`` that reruns it; recorded
+cells are skipped, interrupted ones resume. The RESULTS.md section and PNG
+are rebuilt from the records. On an accelerator add e.g. ``--preset small
+--devices N --steps 2000``::
 
   python -m benchmarks.lm_quality --quick          # adamw vs adamw_bc, seed 0
   python -m benchmarks.lm_quality                  # the grid (hours on CPU)
@@ -15,8 +14,6 @@ e.g. ``--preset small --devices N --steps 2000``::
   python -m benchmarks.lm_quality --report-only    # RESULTS.md + PNG from JSON
   python -m benchmarks.lm_quality --verify 6       # rerun 6 records, compare
 """
-
-from __future__ import annotations
 
 import argparse
 import dataclasses
@@ -430,7 +427,8 @@ def report_markdown(runs: list[dict], setting: Setting, summary: dict,
                      "bc - std", "improved", "paper (Qwen2.5-0.5B)"],
                     main_rows), "",
       "Ablations at the `bc` rate, same seeds: `cf` cross-fit only, `inv` "
-      "inverse correction only, `paper` the reference code's variant.",
+      "inverse correction only, `paper` the reference code's variant (AdamW "
+      "LOO, Sophia/Shampoo twofold, `\"paper\"` estimator).",
       "", harness.table(["family", "arm", "lr", "seeds", "mean test",
                          "arm - std", "improved vs std", "arm - bc"],
                         ablation_rows), "",

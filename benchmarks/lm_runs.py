@@ -5,8 +5,6 @@ grid and the recorded command is what ran), their shared flags, statistics
 and figures.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import math
