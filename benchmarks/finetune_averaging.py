@@ -190,7 +190,7 @@ def curves(runs: list[dict], start: dict, split: str = "test") -> dict:
 def summarize(c: dict) -> dict:
   """Per-method and paired statistics of ``curves`` output."""
   steps = c["steps"]
-  per_seed = {m: {  # mean, lowest and its first step: over steps 1, 2, ...
+  per_seed = {m: {  # mean, lowest, its first step: after the shared step 0
       "final": c[m][:, -1].tolist(),
       "mean_over_steps": c[m][:, 1:].mean(axis=1).tolist(),
       "best": c[m][:, 1:].min(axis=1).tolist(),
@@ -275,9 +275,9 @@ def markdown(payload: dict) -> str:
       f"(seed {payload['lr_selection']['seed']}, not reported) among "
       + ", ".join(f"{k} ({r['final_val_loss']:.4f})"
                   for k, r in payload["lr_selection"]["runs"].items())
-      + ". Mean ± se over seeds; differences paired: one trajectory per "
-      "seed gives all three read-outs, its raw iterates those of an "
-      "`--average none` run (seed 0) " + (
+      + ". Mean ± se over seeds; differences (negative: better) paired: one "
+      "trajectory per seed gives all three read-outs, its raw iterates "
+      "those of an `--average none` run (seed 0) " + (
           "bitwise." if g["final_params_bitwise_equal"]
           and g["train_loss_bitwise_equal"] else "up to float rounding "
           f"(parameters within {g['final_params_max_abs_diff']:.1e} of up to "

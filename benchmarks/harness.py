@@ -242,8 +242,8 @@ def read_json(path: pathlib.Path, default: Any = None) -> Any:
 
 
 def replace_section(text: str, name: str, body: str) -> str:
-  """``text`` with ``body`` between ``<!-- name:begin -->`` and ``<!-- name:end
-  -->`` (or appended, marked); ``ValueError`` on unbalanced markers."""
+  """``text`` with ``body`` between ``<!-- name:begin -->`` and its end
+  marker (or appended, marked); ``ValueError`` on unbalanced or repeated."""
   begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
   block = f"{begin}\n{body.strip()}\n{end}"
   counts = text.count(begin), text.count(end)

@@ -297,8 +297,8 @@ def quick_lrs(results: pathlib.Path, setting: Setting) -> dict:
 def run_family(family: str, setting: Setting, seeds: int, run,
                noise: bool, arms: tuple[str, ...] = MAIN_ARMS + ABLATIONS
                ) -> None:
-  """The learning-rate search of both main arms (always), then seeds ``0 ..
-  seeds-1`` of ``arms`` (and of the noisy main arms if ``noise``)."""
+  """Both main arms' learning-rate search (always), then seeds 0 to
+  ``seeds - 1`` of ``arms`` (and of the noisy main arms if ``noise``)."""
   lrs = {arm: choose_lr(family, arm, setting, run)[0] for arm in MAIN_ARMS}
   log(f"{family}: chosen learning rates {lrs}")
   main_arms = [arm for arm in MAIN_ARMS if arm in arms]
@@ -387,10 +387,10 @@ def report_markdown(runs: list[dict], setting: Setting, summary: dict,
         diff(d), improved(d), f"{PAPER_DELTA[family]:+.3f}"])
     if fam["noise"]:
       nz, paper = fam["noise"], PAPER_DELTA.get(family + "-noise")
-      main_rows.append([f"{family}, noise q = {NOISE:g}", "(same)", "(same)",
-                        loss(nz["std"]), loss(nz["bc"]), diff(nz["diff"]),
-                        improved(nz["diff"]),
-                        "-" if paper is None else f"{paper:+.3f}"])
+      main_rows.append([
+          f"{family}, noise q = {NOISE:g}", "(same)", "(same)",
+          loss(nz["std"]), loss(nz["bc"]), diff(nz["diff"]),
+          improved(nz["diff"]), "-" if paper is None else f"{paper:+.3f}"])
     for arm in (a for a in MAIN_ARMS + ABLATIONS if a in arms):
       a, d, db = arms[arm], fam["diffs"].get(arm), fam["diffs"].get(f"{arm}-bc")
       div = f" ({a['diverged']} diverged)" if a["diverged"] else ""
