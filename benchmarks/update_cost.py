@@ -352,8 +352,7 @@ def grid(cells: list, fmt, extra_rows=()) -> str:
                         if not n.endswith(REF))
   rows = [[n, *(fmt(c["variants"][n]) if n in c["variants"] else "n/a"
                 for c in cells)] for n in names]
-  return harness.table(["variant", *map(label, cells)],
-                       [*rows, *extra_rows])
+  return harness.table(["variant", *map(label, cells)], [*rows, *extra_rows])
 
 
 def report(families: dict, ref) -> str:
