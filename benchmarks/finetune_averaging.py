@@ -1,34 +1,17 @@
 r"""Fine-tuning with iterate averaging: none vs EMA vs BEMA (issue 7).
 
-The setting BEMA (arXiv:2508.00180) targets, a short noisy fine-tune, on the
-LM example (docs/averaging.md; runs are subprocesses, ``lm_runs``): pretrain
-the ``tiny`` model on the comedies and histories (once; reused), fine-tune it
-(``--init-from``) on ``FINETUNE_PLAYS`` at 512 tokens per step with a
-constant learning rate picked from ``LR_CANDIDATES`` on the validation plays
-(own seed, ``SELECTION_SEED``), for ``SEEDS``, and evaluate on held-out
-tragedies (``TEST_PLAYS`` reported, ``VALIDATION_PLAYS``). Each fine-tune
-runs ``--average ema,bema`` with the paper's defaults (``AVERAGING``, fixed
-beforehand): the raw iterates, their EMA and their BEMA come from one
-trajectory (paired; seed 0 is checked against an ``--average none`` run).
-Averaging variants (``sensitivity_variants``) run on the validation plays;
-each average's best also runs on the reported seeds. Reported (mean ± se
-over seeds): final, mean and lowest test loss, paired differences, and where
-the final averages sit along the fine-tune's displacement.
-
-Outputs: ``benchmarks/results/finetune_averaging.json`` (every run's
-command, curves and numbers), ``.png`` and the RESULTS.md section
-(``--quick``: a few minutes, ``finetune_averaging_quick.*`` only). Finished
-runs in ``runs/finetune_averaging[_quick]/`` are reused and interrupted ones
-resumed, so a re-run is cheap.
-
-Usage::
+The experiment of docs/averaging.md on the LM example, as ``lm_runs``
+training runs: pretraining, the learning-rate selection, one ``--average
+ema,bema`` fine-tune per seed (and an ``--average none`` check), the
+``sensitivity_variants`` and each average's best. Writes
+``results/finetune_averaging[_quick].json`` (every run's command and
+numbers), the PNG next to it and, without ``--quick``, the RESULTS.md
+section; finished runs are reused, interrupted ones resumed::
 
   python -m benchmarks.finetune_averaging            # about an hour, 2 cores
-  python -m benchmarks.finetune_averaging --quick
+  python -m benchmarks.finetune_averaging --quick    # a few minutes
   python -m benchmarks.finetune_averaging --report-only
 """
-
-from __future__ import annotations
 
 import argparse
 import json
@@ -52,30 +35,31 @@ TEST_PLAYS = ("macbeth", "romeo-and-juliet")
 METHODS = ("none", "ema", "bema")
 NAMES = {"none": "none (last iterate)", "ema": "EMA", "bema": "BEMA"}
 PAIRS = (("bema", "none"), ("bema", "ema"), ("ema", "none"))
+STATS = ("final", "mean_over_steps")   # the ones paired
 SEEDS = (0, 1, 2)
-# Averaging hyperparameters (see the module docstring: fixed, not tuned).
+# Averaging hyperparameters: the paper's defaults, fixed, not tuned.
 AVERAGING = {"--average-ema-power": 0.5, "--average-bias-power": 0.2,
              "--average-lag": 10.0, "--average-burn-in": 0,
              "--average-every": 1}
-# Sizes. Evaluation: n = eval_batches * microbatches * microbatch_size
-# windows per split, the same n (hence the same windows) in both phases,
-# so the pretrained model's final losses are the fine-tune's step 0.
-SIZES = {
-    "full": dict(pretrain_steps=600, finetune_steps=400, eval_every=20,
-                 eval_windows=128, seeds=SEEDS),
-    "quick": dict(pretrain_steps=30, finetune_steps=20, eval_every=5,
-                  eval_windows=16, seeds=SEEDS[:2]),
-}
+# The same eval_windows (eval_batches x microbatches x size) in both phases:
+# the pretrained model's final losses are the fine-tune's step 0.
+SIZES = {"full": dict(pretrain_steps=600, finetune_steps=400, eval_every=20,
+                      eval_windows=128, seeds=SEEDS),
+         "quick": dict(pretrain_steps=30, finetune_steps=20, eval_every=5,
+                       eval_windows=16, seeds=SEEDS[:2])}
 PRETRAIN = dict(microbatches=8, microbatch_size=2, lr=3e-3, warmup=20,
                 schedule="cosine")
 FINETUNE = dict(microbatches=4, microbatch_size=1, warmup=10,
                 schedule="constant")   # --lr: chosen from LR_CANDIDATES
 LR_CANDIDATES = (1e-4, 3e-4, 1e-3)
 SELECTION_SEED = 100    # the learning-rate selection runs' (not reported)
+# Results and run folders, without and with --quick (relative to the root).
+RESULTS = tuple(f"benchmarks/results/finetune_averaging{q}.json"
+                for q in ("", "_quick"))
+RUNS = ("runs/finetune_averaging", "runs/finetune_averaging_quick")
 
 
-def common_flags(size: dict, phase: dict, eval_test: bool = True
-                 ) -> list[str]:
+def common_flags(size: dict, phase: dict, eval_test: bool = True) -> list[str]:
   eval_batches = size["eval_windows"] // (phase["microbatches"]
                                           * phase["microbatch_size"])
   return ["--preset", "tiny", "--optimizer", "adamw_bc", "--seq-len", "128",
@@ -110,10 +94,8 @@ def finetune_argv(size: dict, runs: pathlib.Path, seed: int, lr: float,
                   average: str = "ema,bema", curves: bool = True,
                   overrides: dict | None = None, tag: str = "",
                   validation_only: bool = False) -> list[str]:
-  """A fine-tuning run; ``curves=False``: evaluated at the end only;
-  ``overrides``: --average-* flags replacing AVERAGING's (``tag`` names
-  the run); ``validation_only`` (the sensitivity runs): curves of the
-  validation split only, half as often."""
+  """``curves=False``: evaluated at the end only; ``overrides`` of
+  AVERAGING (``tag`` names the run); ``validation_only``: half as often."""
   every = size["eval_every"] * (2 if validation_only else 1)
   name = (f"finetune_lr{lr:g}_seed{seed}"
           + ("" if average == "ema,bema" else f"_{average}")
@@ -131,8 +113,7 @@ def finetune_argv(size: dict, runs: pathlib.Path, seed: int, lr: float,
 
 
 def run(argv: list[str], runner=None) -> dict:
-  """One training run (reused, resumed or trained: ``lm_runs.run``); its
-  record: command, folder, summary, evaluations and training losses."""
+  """``lm_runs.run``'s record: command, folder, summary, evals, train loss."""
   summary = lm_runs.run(argv, runner)
   if "diverged" in summary:
     raise FloatingPointError(f"{summary['command']}: {summary['diverged']}")
@@ -153,13 +134,8 @@ def flat_tree(tree) -> np.ndarray:
 
 
 def displacement(out: str, pretrain_out: str) -> dict:
-  """Where the final averages sit relative to the fine-tune's path.
-
-  With d = theta_T - theta_0 (last iterate minus the pretrained
-  parameters): |d|, and for EMA and BEMA the distance to theta_T and the
-  coefficient of (average - theta_T) along d (negative: lags behind the
-  last iterate; positive: beyond it).
-  """
+  """With d = theta_T - theta_0 (last iterate - pretrained): |d|, and per
+  average |average - theta_T| and its coefficient along d."""
   cfg, _, fine = restored(out)
   theta = flat_tree(fine["params"])
   d = theta - flat_tree(restored(pretrain_out)[2]["params"])
@@ -175,19 +151,14 @@ def raw_agreement(a: dict, b: dict) -> dict:
   """How far the raw trajectories of two runs (records) are apart."""
   pa, pb = ([np.asarray(x) for x in jax.tree.leaves(
       restored(r["out"])[2]["params"])] for r in (a, b))
-  held = lambda r: np.array([[e["val_loss"], e["test_loss"]]
-                             for e in r["evals"]])
-  return {
-      "final_params_bitwise_equal": all(np.array_equal(x, y)
-                                        for x, y in zip(pa, pb)),
-      "final_params_max_abs_diff": max(float(np.abs(x - y).max())
-                                       for x, y in zip(pa, pb)),
-      "final_params_max_abs": max(float(np.abs(x).max()) for x in pa),
-      "train_loss_bitwise_equal": a["train_loss"] == b["train_loss"],
-      "train_loss_max_abs_diff": float(np.abs(
-          np.subtract(a["train_loss"], b["train_loss"])).max()),
-      "heldout_loss_max_abs_diff": float(np.abs(held(a) - held(b)).max()),
-  }
+  held = lambda r: [[e["val_loss"], e["test_loss"]] for e in r["evals"]]
+  apart = lambda x, y: float(np.abs(np.subtract(x, y)).max())
+  return {"final_params_bitwise_equal": all(map(np.array_equal, pa, pb)),
+          "final_params_max_abs_diff": max(map(apart, pa, pb)),
+          "final_params_max_abs": max(float(np.abs(x).max()) for x in pa),
+          "train_loss_bitwise_equal": a["train_loss"] == b["train_loss"],
+          "train_loss_max_abs_diff": apart(a["train_loss"], b["train_loss"]),
+          "heldout_loss_max_abs_diff": apart(held(a), held(b))}
 
 
 def select_variant(val: dict, method: str) -> str:
@@ -206,12 +177,8 @@ def method_key(split: str, method: str) -> str:
 
 
 def curves(runs: list[dict], start: dict, split: str = "test") -> dict:
-  """{"steps": [...], method: array (seeds, steps)}, step 0 = ``start``.
-
-  ``runs``: one record per seed with ``evals`` (metrics with the losses);
-  ``start``: the pretrained model's {split}_loss, the value at step 0 for
-  every method.
-  """
+  """{"steps": [...], method: array (seeds, steps)} of one record per
+  seed; step 0 (every method) is ``start``, the pretrained model's losses."""
   steps = [0] + [r["step"] for r in runs[0]["evals"]]
   if any([0] + [e["step"] for e in r["evals"]] != steps for r in runs):
     raise ValueError("the runs were evaluated at different steps")
@@ -223,11 +190,9 @@ def curves(runs: list[dict], start: dict, split: str = "test") -> dict:
 def summarize(c: dict) -> dict:
   """Per-method and paired statistics of ``curves`` output."""
   steps = c["steps"]
-  per_seed = {m: {
+  per_seed = {m: {  # mean, lowest, its first step: after the shared step 0
       "final": c[m][:, -1].tolist(),
-      # Mean over the fine-tune's evaluations (step 0, shared, excluded).
       "mean_over_steps": c[m][:, 1:].mean(axis=1).tolist(),
-      # The lowest loss along the fine-tune and the first step with it.
       "best": c[m][:, 1:].min(axis=1).tolist(),
       "best_step": [int(steps[1:][i]) for i in c[m][:, 1:].argmin(axis=1)],
   } for m in METHODS}
@@ -237,8 +202,7 @@ def summarize(c: dict) -> dict:
       "stats": {m: {k: lm_runs.mean_se(v) for k, v in per_seed[m].items()}
                 for m in METHODS},
       "paired": {f"{a}-{b}": {
-          **{k: lm_runs.mean_se(diff(a, b, k))
-             for k in ("final", "mean_over_steps")},
+          **{k: lm_runs.mean_se(diff(a, b, k)) for k in STATS},
           "curve": lm_runs.mean_se(c[a] - c[b])} for a, b in PAIRS},
       "curve": {m: lm_runs.mean_se(c[m]) for m in METHODS}, "steps": steps}
 
@@ -252,148 +216,112 @@ def verdict(diff: dict) -> str:
   return f"{word} ({'more' if abs(mean) > 2 * se else 'less'} than 2 se from 0)"
 
 
-fmt = lm_runs.fmt
+def claims(paired: dict) -> str:
+  """BEMA against the last iterate and EMA (final and mean), in words."""
+  return "; ".join(
+      f"{what} is {verdict(paired['bema-none'][k])} than the last iterate's "
+      f"and {verdict(paired['bema-ema'][k])} than EMA's (BEMA − EMA "
+      f"{lm_runs.fmt(paired['bema-ema'][k])})" for what, k in (
+          ("BEMA's final test loss", "final"),
+          ("its mean over the fine-tune", "mean_over_steps")))
 
 
-def row(*cells) -> str:
-  return "| " + " | ".join(map(str, cells)) + " |"
-
-
-def agreement_text(g: dict) -> str:
-  if g["final_params_bitwise_equal"] and g["train_loss_bitwise_equal"]:
-    return ("The raw trajectory is bitwise that of an `--average none` run "
-            "(seed 0).")
-  return (
-      "The raw trajectory equals that of an `--average none` run (seed 0) up "
-      "to float rounding, not bitwise: the averaging ops change how XLA fuses"
-      " the step, so the parameters differ in the last bits (final max "
-      f"|difference| {g['final_params_max_abs_diff']:.1e} for parameters up "
-      f"to {g['final_params_max_abs']:.2f}; held-out losses within "
-      f"{g['heldout_loss_max_abs_diff']:.1e}, train losses within "
-      f"{g['train_loss_max_abs_diff']:.1e}); the averages do not steer "
-      "training.")
+def method_table(s: dict, val: dict | None = None, variant=None) -> str:
+  """Each method's test losses and their differences to none (``val``:
+  with the step of the lowest test loss and the final validation loss)."""
+  fmt, names = lm_runs.fmt, {m: NAMES[m] + (
+      f" ({variant[m]})" if variant and m != "none" else "") for m in METHODS}
+  return harness.table(
+      ["method", "final test loss", "mean test loss over the fine-tune",
+       "lowest test loss along it"]
+      + ["at step", "final validation loss"] * bool(val)
+      + ["minus none, final", "minus none, mean"],
+      [[names[m], *(fmt(s["stats"][m][k]) for k in (*STATS, "best")),
+        *((fmt(s["stats"][m]["best_step"], 0), fmt(val["stats"][m]["final"]))
+          if val else ()),
+        *(fmt(s["paired"][f"{m}-none"][k]) if m != "none" else ""
+          for k in STATS)] for m in METHODS])
 
 
 def markdown(payload: dict) -> str:
   """The ``finetune_averaging`` section of RESULTS.md (without markers)."""
-  s, v, sz = (payload["summary"]["test"], payload["summary"]["val"],
-              payload["sizes"])
-  pair_name = lambda k: k.replace("-", " − ").upper().replace("NONE", "none")
-  lines = [
+  s, sz, sel = payload["summary"]["test"], payload["sizes"], payload["selected"]
+  avg, plays, g = (payload["averaging"], payload["plays"],
+                   payload["raw_vs_average_none"])
+  mean = lambda ws, k: float(np.mean([w[k] for w in ws]))
+  path = lambda k: mean(payload["final_averages_vs_path"], k)
+  along = lambda m: mean(sel["final_averages_vs_path"][sel["variant"][m]],
+                         f"{m}_along_displacement")
+  raw = s["curve"]["none"]["mean"]
+  low = int(np.argmin(raw[1:])) + 1
+  power = avg["--average-bias-power"]
+  alpha = (avg["--average-lag"] + sz["finetune_steps"]
+           - avg["--average-burn-in"]) ** -power
+  return "\n".join([
       "## Fine-tuning with iterate averaging: none vs EMA vs BEMA", "",
-      f"`benchmarks/finetune_averaging.py` (issue 7): the `tiny` model "
-      f"({payload['params']:,} parameters, bytes) pretrained for "
-      f"{sz['pretrain_steps']} steps on the comedies and histories, then "
-      f"fine-tuned for {sz['finetune_steps']} steps on "
-      f"{', '.join(FINETUNE_PLAYS)} with 512 tokens per step (4 x 1 x 128) "
-      f"and a constant learning rate {payload['lr']:g}, AdamW-BC; "
-      f"{len(payload['seeds'])} seeds (batch order). Evaluated every "
-      f"{sz['eval_every']} steps on held-out tragedies: test "
-      f"{', '.join(TEST_PLAYS)} (reported), validation "
-      f"{', '.join(VALIDATION_PLAYS)}. BEMA and EMA with the paper's defaults"
-      " (EMA power 0.5, bias power 0.2, lag 10), refreshed every step, no "
-      "burn-in: fixed beforehand, not tuned. The learning rate was picked "
-      "from " + ", ".join(
-          f"{k} (validation loss {r['final_val_loss']:.4f})"
-          for k, r in payload["lr_selection"]["runs"].items())
-      + " by the last iterate's final loss on the validation plays, in runs "
-      f"with seed {payload['lr_selection']['seed']} (not reported). One "
-      "trajectory per seed, three read-outs. "
-      + agreement_text(payload["raw_vs_average_none"]), "",
+      "`benchmarks/finetune_averaging.py` (issue 7; the experiment: "
+      f"`docs/averaging.md`). The `tiny` model ({payload['params']:,} "
+      f"parameters, bytes): {sz['pretrain_steps']} pretraining steps on the "
+      f"{plays['pretrain'].replace(',', ' and ')}, then "
+      f"{sz['finetune_steps']} fine-tuning steps on "
+      f"{', '.join(plays['finetune'])} (AdamW-BC, 4 x 1 x 128 = 512 tokens "
+      f"per step, constant learning rate {payload['lr']:g}), "
+      f"{len(payload['seeds'])} seeds; every {sz['eval_every']} steps the "
+      f"test ({', '.join(plays['test'])}; reported) and validation "
+      f"({', '.join(plays['validation'])}) losses. Averaging at the paper's "
+      "defaults, fixed beforehand: " + ", ".join(
+          f"{k.removeprefix('--average-')} {x:g}" for k, x in avg.items())
+      + ". Learning rate: the last iterate's lowest final validation loss "
+      f"(seed {payload['lr_selection']['seed']}, not reported) among "
+      + ", ".join(f"{k} ({r['final_val_loss']:.4f})"
+                  for k, r in payload["lr_selection"]["runs"].items())
+      + ". Mean ± se over seeds; differences (negative: better) paired: one "
+      "trajectory per seed gives all three read-outs, its raw iterates "
+      "those of an `--average none` run (seed 0) " + (
+          "bitwise." if g["final_params_bitwise_equal"]
+          and g["train_loss_bitwise_equal"] else "up to float rounding "
+          f"(parameters within {g['final_params_max_abs_diff']:.1e} of up to "
+          f"{g['final_params_max_abs']:.2f}, held-out losses within "
+          f"{g['heldout_loss_max_abs_diff']:.1e}, train losses within "
+          f"{g['train_loss_max_abs_diff']:.1e})."), "",
       f"Pretrained model (step 0): test loss "
       f"{payload['pretrained']['test_loss']:.4f}, validation "
       f"{payload['pretrained']['val_loss']:.4f} nats/byte.", "",
-      row("method", "final test loss", "mean test loss over the fine-tune",
-          "lowest test loss along it", "at step", "final validation loss"),
-      "|---|---|---|---|---|---|"]
-  lines += [row(NAMES[m], *(fmt(s["stats"][m][k]) for k in (
-      "final", "mean_over_steps", "best")), fmt(s["stats"][m]["best_step"], 0),
-                fmt(v["stats"][m]["final"])) for m in METHODS]
-  lines += ["", "Paired differences (same seed, same trajectory; mean ± se "
-            "over seeds; negative: the first method is better):", "",
-            row("difference", "final test loss",
-                "mean test loss over the fine-tune"), "|---|---|---|"]
-  lines += [row(pair_name(k), fmt(d["final"]), fmt(d["mean_over_steps"]))
-            for k, d in s["paired"].items()]
-  bn, be = s["paired"]["bema-none"], s["paired"]["bema-ema"]
-  mean = lambda k: float(np.mean([w[k] for w in
-                                  payload["final_averages_vs_path"]]))
-  raw = s["curve"]["none"]["mean"]
-  low = int(np.argmin(raw[1:])) + 1
-  alpha = (AVERAGING["--average-lag"] + sz["finetune_steps"]
-           - AVERAGING["--average-burn-in"]
-           ) ** -AVERAGING["--average-bias-power"]
-  lines += [
-      "", "Where the averages end up (final checkpoints, mean over seeds): "
-      "with d = theta_T - theta_0 the fine-tune's displacement from the "
-      f"pretrained parameters (|d| = {mean('displacement_norm'):.2f}), EMA - "
-      f"theta_T has a component {mean('ema_along_displacement'):+.3f} d and "
-      f"BEMA - theta_T {mean('bema_along_displacement'):+.3f} d (|EMA - "
-      f"theta_T| = {mean('ema_distance'):.2f}, |BEMA - theta_T| = "
-      f"{mean('bema_distance'):.2f}). A positive component means the average"
-      " lies beyond the last iterate, further from the pretrained model: the "
-      "EMA's memory of theta_0 decays much faster than the bias weight "
-      f"alpha_s = (lag + s)^-{AVERAGING['--average-bias-power']} (alpha at "
-      f"the last step: {alpha:.2f}), so alpha_s (theta_s - theta_0) "
-      "extrapolates along the path. The raw test loss (mean over seeds) is "
-      f"lowest at step {s['steps'][low]} ({raw[low]:.4f}) and ends at "
-      f"{raw[-1]:.4f}.", "",
-      "Against the paper's claim (arXiv:2508.00180: BEMA converges faster and"
-      " ends better than both EMA and no averaging): here BEMA's final test "
-      f"loss is {verdict(bn['final'])} than the last iterate's and "
-      f"{verdict(be['final'])} than EMA's; over the whole fine-tune its mean "
-      f"test loss is {verdict(bn['mean_over_steps'])} than the last "
-      f"iterate's and {verdict(be['mean_over_steps'])} than EMA's.", "",
-      "Sensitivity, on the validation plays only (seed "
-      f"{payload['sensitivity']['seed']}, same learning rate; a variant "
-      "applies to both averages, the bias power to BEMA only): final "
-      "validation loss and its mean over the fine-tune's evaluations.", "",
-      row("variant", "none final", "EMA final", "BEMA final", "none mean",
-          "EMA mean", "BEMA mean"), "|---|---|---|---|---|---|---|"]
-  lines += [row(label, *(f"{var['val'][m][k][0]:.4f}" for k in (
-      "final", "mean_over_steps") for m in METHODS))
-            for label, var in payload["sensitivity"]["variants"].items()]
-  sel = payload["selected"]
-  st = sel["test"]
-  lines += [
-      "", "Each average with the variant that ends lowest on the validation "
-      "plays above, now on the test plays with the reported seeds (the raw "
-      "trajectory is the same in every variant, so none is unchanged):", "",
-      row("method", "final test loss", "mean test loss over the fine-tune",
-          "lowest test loss along it", "minus none, final",
-          "minus none, mean"), "|---|---|---|---|---|---|"]
-  for m in METHODS:
-    d = st["paired"].get(f"{m}-none")
-    lines.append(row(
-        f"{m.upper()} ({sel['variant'][m]})" if m != "none" else NAMES[m],
-        *(fmt(st["stats"][m][k]) for k in ("final", "mean_over_steps",
-                                           "best"))) + (
-        f" {fmt(d['final'])} | {fmt(d['mean_over_steps'])} |" if d
-        else "  | |"))
-  bs, bse = st["paired"]["bema-none"], st["paired"]["bema-ema"]
-  along = lambda m: float(np.mean([w[f"{m}_along_displacement"] for w in
-                                   sel["final_averages_vs_path"][
-                                       sel["variant"][m]]]))
-  lines += [
-      "", f"With these variants BEMA's final test loss is "
-      f"{verdict(bs['final'])} than the last iterate's and "
-      f"{verdict(bse['final'])} than EMA's (BEMA − EMA {fmt(bse['final'])}); "
-      f"its mean over the fine-tune is {verdict(bs['mean_over_steps'])} than "
-      f"the last iterate's and {verdict(bse['mean_over_steps'])} than EMA's "
-      f"(BEMA − EMA {fmt(bse['mean_over_steps'])}). Their final averages sit"
-      f" at {along('ema'):+.3f} d (EMA) and {along('bema'):+.3f} d (BEMA) "
-      "from the last iterate" + (
-          ", i.e. between the pretrained and the fine-tuned parameters: with "
-          "few refreshes the EMA keeps much of its weight on theta_0."
+      method_table(s, payload["summary"]["val"]), "",
+      "Against the paper's claim (arXiv:2508.00180: BEMA converges faster "
+      f"and ends better than EMA and no averaging): {claims(s['paired'])}. "
+      "Along the fine-tune's displacement d = theta_T - theta_0 (|d| = "
+      f"{path('displacement_norm'):.2f}), the final EMA - theta_T is "
+      f"{path('ema_along_displacement'):+.3f} d (norm "
+      f"{path('ema_distance'):.2f}) and BEMA - theta_T "
+      f"{path('bema_along_displacement'):+.3f} d (norm "
+      f"{path('bema_distance'):.2f}), mean over seeds; alpha_s = (lag + "
+      f"s)^-{power:g} is {alpha:.2f} at the last step. The raw test loss "
+      f"(mean over seeds) is lowest at step {s['steps'][low]} "
+      f"({raw[low]:.4f}) and ends at {raw[-1]:.4f}.", "",
+      f"Sensitivity on validation (seed {payload['sensitivity']['seed']}, "
+      "same rate; bias power: BEMA only), final and mean loss:", "",
+      harness.table(
+          ["variant", "none final", "EMA final", "BEMA final", "none mean",
+           "EMA mean", "BEMA mean"],
+          [[label, *(f"{var['val'][m][k][0]:.4f}" for k in STATS
+                     for m in METHODS)]
+           for label, var in payload["sensitivity"]["variants"].items()]), "",
+      "Each average with its variant that ends lowest there, on the test "
+      "plays:", "",
+      method_table(sel["test"], variant=sel["variant"]), "",
+      f"With these variants {claims(sel['test']['paired'])}. Their final "
+      f"averages sit at {along('ema'):+.3f} d (EMA) and {along('bema'):+.3f}"
+      " d (BEMA) from the last iterate" + (
+          ", between the pretrained and the fine-tuned parameters."
           if all(-1 < along(m) < 0 for m in ("ema", "bema")) else "."), "",
       "![fine-tuning loss curves](results/finetune_averaging.png)", "",
       f"Reproduce: `python -m {MODULE}` ({payload['wall_s'] / 60:.0f} min of "
-      "training here on 2 CPU cores shared with other jobs: " + ", ".join(
+      "training on 2 shared CPU cores: " + ", ".join(
           f"{part} {sec / 60:.1f}"
           for part, sec in payload["wall_s_by_part"].items())
-      + " min; finished runs are reused, so a re-run only rebuilds the "
-      "report; every run's command is in `results/finetune_averaging.json`)."]
-  return "\n".join(lines)
+      + " min; finished runs are reused; every run's command is in "
+      "`results/finetune_averaging.json`)."])
 
 
 def plot(payload: dict, path: pathlib.Path) -> None:
@@ -456,17 +384,11 @@ def report(payload: dict, png: pathlib.Path, section: bool) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
   """The flags, with ``size``, ``runs_dir`` and the output paths."""
-  args = lm_runs.parser(
-      MODULE, __doc__, "tiny sizes, 2 seeds (a smoke test); *_quick outputs, "
-      "RESULTS.md left alone", "benchmarks/results/finetune_averaging"
-      "[_quick].json", "runs/finetune_averaging[_quick]").parse_args(argv)
-  suffix = "_quick" if args.quick else ""
+  args = lm_runs.parser(MODULE, __doc__, "tiny sizes, 2 seeds (a smoke "
+                        "test); *_quick outputs, RESULTS.md left alone",
+                        RESULTS, RUNS).parse_args(argv)
   args.size = SIZES["quick" if args.quick else "full"]
-  args.runs_dir = args.runs_dir or pathlib.Path(
-      f"runs/finetune_averaging{suffix}")   # relative: in the commands
-  args.results = harness.ROOT / (
-      args.results or harness.RESULTS_DIR / f"finetune_averaging{suffix}.json")
-  args.png = args.results.with_suffix(".png")
+  lm_runs.paths(args, RESULTS, RUNS)   # runs_dir relative: in the commands
   return args
 
 
@@ -489,9 +411,8 @@ def main(argv=None, runner=None) -> dict:
   fine = [fine_run(seed, lr) for seed in seeds]
   check = fine_run(seeds[0], lr, "none")
   tags = sensitivity_variants(size)
-  variants = {label: (overrides, fine_run(SELECTION_SEED, lr, overrides=
-                                          overrides, tag=tag,
-                                          validation_only=True))
+  variants = {label: (overrides, fine_run(
+      SELECTION_SEED, lr, overrides=overrides, tag=tag, validation_only=True))
               for label, (tag, overrides) in tags.items()}
   start = {k: pre["evals"][-1][k] for k in ("val_loss", "test_loss")}
   # Each average's variant with the lowest final validation loss, then run

@@ -1,13 +1,7 @@
-"""Plumbing shared by the benchmark scripts, which hold only their
-measurement and report: environment and git capture (:func:`environment`,
-:func:`finish`), interleaved timing (:class:`Runner`, :func:`time_rounds`,
-:func:`stats`, :func:`ratios`), memory figures (:func:`memory`,
-:func:`nbytes`), atomic JSON (:func:`write_json`), RESULTS.md sections
-(:func:`write_section`), recorded commands (:func:`command`) and markdown
-tables (:func:`table`).
+"""Plumbing shared by the benchmark scripts: environment and git capture,
+interleaved timing (:class:`Runner`, :func:`time_rounds`), memory figures,
+atomic JSON, RESULTS.md sections, flags, recorded commands and tables.
 """
-
-from __future__ import annotations
 
 import argparse
 import datetime
@@ -93,8 +87,8 @@ def environment() -> dict[str, Any]:
 
 
 def finish(env: dict[str, Any]) -> dict[str, Any]:
-  """``env`` with the load average, wall seconds since its start and the
-  process CPU seconds (all threads, since the process started) at the end."""
+  """``env`` with the load average, wall seconds since its start and process
+  CPU seconds (all threads, since the process started) at the end."""
   start = datetime.datetime.fromisoformat(env["date_utc"])
   now = datetime.datetime.now(datetime.timezone.utc)
   env.update(loadavg_end=list(os.getloadavg()),
@@ -106,18 +100,13 @@ def finish(env: dict[str, Any]) -> dict[str, Any]:
 # Timing --------------------------------------------------------------------
 
 class Runner:
-  """A compiled ``fn(state, *args) -> (out, state)`` with its state fed back
-  (``-> (state, out)`` with ``state_first``, as the LM example's steps).
-
-  ``fn`` is compiled here (``compile_s``; jitted with a copy of ``state``
-  donated unless ``donate=False``, or as it is if already jitted: its own
-  donation and compiler options), or is a ``jax.stages.Compiled`` already
-  (one program shared by runners with their own states). Each call runs
-  ``prepare(state)`` first (untimed, e.g. :func:`with_count`), times the
-  compiled call to ``block_until_ready`` of its outputs in wall and process
-  CPU seconds (all threads; on a shared machine the CPU time also excludes
-  waiting for a core), then ``check(out)`` (e.g. raise on a NaN loss).
-  """
+  """A compiled ``fn(state, *args) -> (out, state)`` (``(state, out)`` with
+  ``state_first``) with its state fed back. ``fn`` is compiled here
+  (``compile_s``; a copy of ``state`` donated unless ``donate=False``; a
+  jitted ``fn`` keeps its options) or is a shared ``jax.stages.Compiled``.
+  A call runs ``prepare(state)`` (untimed), times the compiled call to
+  ``block_until_ready`` in wall and process CPU seconds (all threads; CPU
+  time excludes waiting for a core), then ``check(out)``."""
 
   def __init__(self, fn: Callable, state: Any, *args: Any, donate=True,
                prepare: Optional[Callable] = None,
@@ -130,8 +119,7 @@ class Runner:
     self.compiled, self.compile_s = fn, time.perf_counter() - t0
     self.state, self.args = state, args
     self.prepare, self.check, self.state_first = prepare, check, state_first
-    self.wall: list[float] = []
-    self.cpu: list[float] = []
+    self.wall, self.cpu = [], []   # seconds per recorded call
 
   def __call__(self, record: bool = True) -> Any:
     state = self.state if self.prepare is None else self.prepare(self.state)
@@ -154,13 +142,10 @@ def time_rounds(runners: dict[str, Callable], rounds: int,
                 max_seconds: float = float("inf"), min_rounds: int = 3,
                 warmup: int = 2,
                 log: Optional[Callable[[str], None]] = None) -> int:
-  """Times ``runners`` interleaved; returns the number of rounds.
-
-  ``warmup`` untimed calls each, then up to ``rounds`` rounds in which every
-  runner is called once, round ``k`` starting at runner ``k mod n`` (over
-  ``n`` rounds each runner takes every position, first included); stops
-  after ``max_seconds`` once ``min_rounds`` rounds are done.
-  """
+  """Times ``runners`` interleaved: ``warmup`` untimed calls each, then up
+  to ``rounds`` rounds of one call each, round ``k`` starting at runner ``k
+  mod n`` (every runner takes every position); stops after ``max_seconds``
+  once ``min_rounds`` are done. Returns the number of rounds."""
   for r in runners.values():
     for _ in range(warmup):
       r(record=False)
@@ -190,9 +175,8 @@ def stats(runner) -> dict[str, float]:
 
 
 def ratios(a, b) -> dict[str, float]:
-  """``a`` relative to ``b`` (timed in the same rounds): ratios of the wall
-  and CPU medians and of the wall minima, and the medians of the per-round
-  ratios (``*_paired``: each round's two calls ran close in time)."""
+  """``a`` / ``b`` (timed in the same rounds): of the wall and CPU medians,
+  of the wall minima, and the medians of the per-round ratios (``*_paired``)."""
   wa, wb = np.asarray(a.wall), np.asarray(b.wall)
   ca, cb = np.asarray(a.cpu), np.asarray(b.cpu)
   out = {"wall": np.median(wa) / np.median(wb),
@@ -205,10 +189,9 @@ def ratios(a, b) -> dict[str, float]:
 # Memory --------------------------------------------------------------------
 
 def memory(compiled: jax.stages.Compiled) -> dict[str, int]:
-  """Bytes of a compiled program from XLA's buffer assignment: arguments,
-  outputs, alias (outputs written into donated arguments), temp (scratch),
-  and ``peak_bound`` = arguments + outputs - alias + temp (all live at once,
-  an upper bound of the peak)."""
+  """Bytes of a compiled program (XLA's buffer assignment): argument,
+  output, alias (outputs in donated arguments), temp (scratch) and their
+  ``peak_bound`` = argument + output - alias + temp (all live at once)."""
   m = compiled.memory_analysis()
   out = {k: int(getattr(m, f"{k}_size_in_bytes"))
          for k in ("argument", "output", "alias", "temp")}
@@ -223,9 +206,8 @@ def nbytes(tree: Any) -> int:
 
 
 def with_count(state: Any, count: int, of: Optional[type] = None) -> Any:
-  """``state`` with the ``count`` of every state in it that has one (or of
-  every ``of`` state) set (optax's convention: the next update is step
-  ``count + 1``)."""
+  """``state`` with ``count`` set in every state with one (or every ``of``
+  state); optax's convention: the next update is step ``count + 1``."""
   has_count = lambda s: ("count" in getattr(s, "_fields", ())
                          and (of is None or isinstance(s, of)))
   return jax.tree.map(
@@ -236,8 +218,7 @@ def with_count(state: Any, count: int, of: Optional[type] = None) -> Any:
 # Results -------------------------------------------------------------------
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
-  """Writes a temporary file next to ``path``, then renames it over
-  ``path``: a crash never leaves a partial file."""
+  """Writes ``path`` through a renamed temporary file: never half written."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -254,10 +235,15 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
   _write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
+def read_json(path: pathlib.Path, default: Any = None) -> Any:
+  """The JSON in ``path``, or ``default`` if there is no such file."""
+  path = pathlib.Path(path)
+  return json.loads(path.read_text()) if path.exists() else default
+
+
 def replace_section(text: str, name: str, body: str) -> str:
-  """``text`` with the part between ``<!-- name:begin -->`` and
-  ``<!-- name:end -->`` replaced by ``body`` (markers kept), or the marked
-  section appended; ``ValueError`` on unbalanced or repeated markers."""
+  """``text`` with ``body`` between ``<!-- name:begin -->`` and its end
+  marker (or appended, marked); ``ValueError`` on unbalanced or repeated."""
   begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
   block = f"{begin}\n{body.strip()}\n{end}"
   counts = text.count(begin), text.count(end)
@@ -271,16 +257,15 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 def write_section(name: str, body: str, path: pathlib.Path = RESULTS_MD
                   ) -> None:
-  """:func:`replace_section` on the file as it is now (re-read: other
-  scripts write their own sections), written atomically."""
+  """:func:`replace_section` on the file as it is now (re-read: other scripts
+  write their own sections), written atomically."""
   path = pathlib.Path(path)
   text = path.read_text() if path.exists() else RESULTS_HEADER
   _write_atomic(path, replace_section(text, name, body))
 
 
 def parser(module: str, doc: str) -> argparse.ArgumentParser:
-  """The flags' parser of ``python -m MODULE``, described by the first
-  paragraph of ``doc``."""
+  """``python -m MODULE``'s flags, described by ``doc``'s first paragraph."""
   return argparse.ArgumentParser(
       prog=f"python -m {module}", description=doc.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -289,8 +274,7 @@ def parser(module: str, doc: str) -> argparse.ArgumentParser:
 def command(module: str, argv: Optional[Sequence[str]] = None,
             verbatim: Sequence[str] = ()) -> str:
   """``python -m MODULE ARGV`` (default: this process's arguments), quoted
-  for a POSIX shell but for the words in ``verbatim`` (placeholders such as
-  ``{out}``)."""
+  for a POSIX shell but for the words in ``verbatim`` (e.g. ``{out}``)."""
   return " ".join(["python", "-m", module] + [
       a if a in verbatim else shlex.quote(a)
       for a in (sys.argv[1:] if argv is None else argv)])

@@ -1,39 +1,22 @@
-r"""Does bias correction pay? A fairly tuned, seeded comparison on the LM example.
+r"""Does bias correction pay? A tuned, seeded comparison on the LM example.
 
-Every run trains the LM example (a subprocess, ``lm_runs``) with the same
-model, data and steps; only the optimizer arm, the learning rate and the
-seed change (docs/quality.md). Per family, the main arms ``std``
-(``--optimizer FAMILY``) and ``bc`` (``FAMILY_bc``) each get the rate that
-is best on the **validation** plays with seed 0, from a factor-2 grid
-extended past an edge holding the best value (at most ``MAX_EXTEND``
-times); then more seeds, the ablations ``cf`` (cross-fit only), ``inv``
-(inverse correction only) and ``paper`` (the reference code's variant) at
-the ``bc`` rate, and for AdamW ``std`` and ``bc`` on noisy data. Arms are
-compared on the **test** plays, paired by seed.
-
-Results: ``benchmarks/results/lm_quality.json``, one record per run, written
-after each (recorded cells are skipped and an interrupted run resumes, so a
-stopped grid continues); a record's ``command`` reruns it with its output
-folder as ``{out}``. Curves go to ``lm_quality_curves.json``; the report
-(RESULTS.md section, ``lm_quality.png``) is rebuilt from the records.
-
-Usage::
+The grid (rates chosen on validation with seed 0, then seeded arms and
+ablations compared on test; docs/quality.md) is one ``lm_runs`` training
+run per cell, recorded in ``results/lm_quality.json`` (curves in
+``lm_quality_curves.json``) with the ``command`` that reruns it; recorded
+cells are skipped, interrupted ones resume. The RESULTS.md section and PNG
+are rebuilt from the records. On an accelerator add e.g. ``--preset small
+--devices N --steps 2000``::
 
   python -m benchmarks.lm_quality --quick          # adamw vs adamw_bc, seed 0
   python -m benchmarks.lm_quality                  # the grid (hours on CPU)
   python -m benchmarks.lm_quality --families adamw # one family
   python -m benchmarks.lm_quality --report-only    # RESULTS.md + PNG from JSON
   python -m benchmarks.lm_quality --verify 6       # rerun 6 records, compare
-
-On an accelerator add e.g. ``--preset small --devices N --steps 2000``;
-records carry their settings, and only matching cells are reused.
 """
-
-from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -52,16 +35,19 @@ ABLATIONS = ("cf", "inv", "paper")
 # The paper's held-out deltas, bc - std in nats (SPEC section 7).
 PAPER_DELTA = {"adamw": -0.1489, "sophia": -0.0701, "shampoo": -0.1103,
                "adamw-noise": -0.0191}
-# Starting learning-rate grids (factor 2 apart), extended past an edge if
-# the best value lands there.
-LR_GRID = {"adamw": (1.5e-3, 3e-3, 6e-3),
-           "sophia": (7.5e-4, 1.5e-3, 3e-3),
+# Starting learning-rate grids (factor 2 apart).
+LR_GRID = {"adamw": (1.5e-3, 3e-3, 6e-3), "sophia": (7.5e-4, 1.5e-3, 3e-3),
            "shampoo": (1.5e-3, 3e-3, 6e-3)}
 MAX_EXTEND = 2
 NOISE = 0.2
 LIGHT_LOAD = 4.0    # report: runs started below this 1-minute load average
 QUICK_LR = 3e-3     # --quick, before the full grid has chosen: both arms
 REPRODUCE_TOLERANCE = 0.02  # a record's command must give its losses to this
+SHAPE = ("steps", "microbatches", "microbatch_size", "seq_len")
+LOSSES = ("final_eval_loss", "final_val_loss")   # test, validation
+# Results and run folders without and with --quick (which always trains).
+RESULTS = ("benchmarks/results/lm_quality.json", "runs/lm_quality_quick.json")
+RUNS = ("runs/lm_quality", "runs/lm_quality_quick")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +71,7 @@ class Setting:
                           "checkpoint_every": 0, "progress": "off"})
 
   def matches(self, record: dict) -> bool:
-    return all(record.get(k) == getattr(self, k) for k in
-               ("preset", "steps", "microbatches", "microbatch_size",
-                "seq_len"))
+    return all(record.get(k) == getattr(self, k) for k in ("preset", *SHAPE))
 
 
 def arm_flags(family: str, arm: str) -> list[str]:
@@ -101,6 +85,10 @@ def arm_flags(family: str, arm: str) -> list[str]:
                         "inverse_correction": "paper"}}.get(arm, {})
   return lm_runs.flags({"optimizer": family if arm == "std"
                         else f"{family}_bc", **switches})
+
+
+def log(message: str) -> None:
+  print(f"[lm_quality] {message}", flush=True)
 
 
 def data_name(noise: float) -> str:
@@ -159,7 +147,7 @@ def find(runs: list[dict], cell: Cell, setting: Setting) -> dict | None:
 
 def load_file(path: pathlib.Path) -> dict:
   """The whole results file (``runs``, and ``superseded`` if any)."""
-  return json.loads(path.read_text()) if path.exists() else {"runs": []}
+  return harness.read_json(path, {"runs": []})
 
 
 def load_runs(path: pathlib.Path) -> list[dict]:
@@ -172,56 +160,38 @@ def append_run(path: pathlib.Path, record: dict) -> None:
   harness.write_json(path, data)
 
 
-def supersede(path: pathlib.Path, record: dict, reason: str) -> None:
-  """Moves ``record`` from the file's ``runs`` to its ``superseded`` list
-  (kept, with ``reason``, but no longer read by the grid or the report)."""
-  data = load_file(path)
-  data["runs"] = [r for r in data["runs"] if r != record]
-  data.setdefault("superseded", []).append({**record, "superseded": reason})
-  harness.write_json(path, data)
-
-
 def curves_path(results: pathlib.Path) -> pathlib.Path:
   return results.with_name(results.stem + "_curves.json")
 
 
 def save_curve(path: pathlib.Path, name: str, out: pathlib.Path) -> None:
   """Adds a run's training-loss and validation curves to ``path``."""
-  records = lm_runs.metrics(out)
-  curves = json.loads(path.read_text()) if path.exists() else {}
-  curves[name] = {
-      "step": [r["step"] for r in records],
-      "train_loss": [round(r["train_loss"], 4) for r in records],
-      "val": [[r["step"], round(r["val_loss"], 5)] for r in records
-              if "val_loss" in r]}
+  records, curves = lm_runs.metrics(out), harness.read_json(path, {})
+  curves[name] = {"step": [r["step"] for r in records],
+                  "train_loss": [round(r["train_loss"], 4) for r in records],
+                  "val": [[r["step"], round(r["val_loss"], 5)]
+                          for r in records if "val_loss" in r]}
   if records:
     harness.write_json(path, curves)
 
 
 def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
              runs_dir: pathlib.Path, runner=None) -> dict:
-  """Runs one cell unless the results file has it; returns its record.
-
-  ``runner(argv) -> summary`` trains (default: a subprocess; see
-  ``lm_runs.run``, which also gives the record's ``code``).
-  """
-  existing = find(load_runs(results), cell, setting)
-  if existing is not None:
+  """Runs one cell unless the results file has it; returns its record
+  (``runner``: see ``lm_runs.run``)."""
+  if (existing := find(load_runs(results), cell, setting)) is not None:
     return existing
   command, out = cell.command(setting), runs_dir / cell.name
-  print(f"[lm_quality] {cell.name} (load {os.getloadavg()[0]:.1f})",
-        flush=True)
+  log(f"{cell.name} (load {os.getloadavg()[0]:.1f})")
   s = lm_runs.run(lm_runs.argv_of(command, out), runner, replace=True)
-  shape = ("steps", "microbatches", "microbatch_size", "seq_len")
   record = {
       "data": cell.data, "family": cell.family, "variant": cell.variant,
-      "lr": cell.lr, "seed": cell.seed, "final_val_loss": s.get(
-          "final_val_loss"), "final_eval_loss": s.get("final_eval_loss"),
-      **{k: getattr(setting, k) for k in shape},
-      "tokens": s.get("tokens", math.prod(getattr(setting, k) for k in shape)),
+      "lr": cell.lr, "seed": cell.seed,
+      **{k: s.get(k) for k in ("final_val_loss", "final_eval_loss")},
+      **{k: getattr(setting, k) for k in SHAPE},
+      "tokens": s.get("tokens", math.prod(getattr(setting, k) for k in SHAPE)),
       "wall_s": s.get("wall_s"), "command": command,
-      # Context: status, preset, the run's wall and CPU seconds (imports and
-      # compilation included), load average at its start, code.
+      # Context; the run's wall and CPU seconds include compilation.
       "status": "diverged" if "diverged" in s else "ok",
       "preset": setting.preset, "devices": setting.devices,
       **{k: s["benchmark"][k]
@@ -229,38 +199,35 @@ def run_cell(cell: Cell, setting: Setting, results: pathlib.Path,
   save_curve(curves_path(results), cell.name, out)
   append_run(results, record)
   if record["status"] == "ok":
-    print(f"[lm_quality] {cell.name}: val {record['final_val_loss']:.4f} "
-          f"test {record['final_eval_loss']:.4f} ({record['call_wall_s']:.0f}"
-          f" s wall, {record['cpu_s']:.0f} s CPU)", flush=True)
+    log(f"{cell.name}: val {record['final_val_loss']:.4f} test "
+        f"{record['final_eval_loss']:.4f} ({record['call_wall_s']:.0f} s "
+        f"wall, {record['cpu_s']:.0f} s CPU)")
   return record
 
 
 def rerun_unversioned(results: pathlib.Path, setting: Setting,
                       families, run) -> int:
-  """Re-runs, with the current code, every record of ``families`` (and of
-  this setting) without a ``code`` field (made before records said which
-  code made them); the old record moves to ``superseded``. Returns the
-  number re-run. ``run(cell) -> record`` as in :func:`run_family`."""
+  """Re-runs the records of ``families`` (this setting) without ``code``,
+  moving them to ``superseded`` (kept, not read); returns how many."""
   stale = [r for r in load_runs(results) if "code" not in r
            and r["family"] in families and setting.matches(r)]
   for r in stale:
-    supersede(results, r, "made by code of unknown version; re-run")
+    data = load_file(results)
+    data["runs"] = [x for x in data["runs"] if x != r]
+    data.setdefault("superseded", []).append(
+        {**r, "superseded": "made by code of unknown version; re-run"})
+    harness.write_json(results, data)
     run(cell_of(r))
   return len(stale)
 
 
 def verify(results: pathlib.Path, runs_dir: pathlib.Path, count: int,
            runner=None, tolerance: float = REPRODUCE_TOLERANCE) -> dict:
-  """Re-runs ``count`` recorded runs from their ``command``; compares losses.
-
-  The runs are spread evenly over the results file (its oldest and newest
-  records included), so the check covers records made by older code too.
-  Returns ``{"tolerance", "checks", "max_abs_diff", "ok"}``, each check with
-  the record's cell, command and code, and its recorded and re-run test and
-  validation losses and their differences (re-run - recorded).
-  """
-  runs = [r for r in load_runs(results) if r.get("status", "ok") == "ok"]
-  if not runs:
+  """Re-runs ``count`` records spread over the file (first and last
+  included) from their ``command``: {"tolerance", "checks" (per record its
+  cell, command, code, recorded and re-run losses), "max_abs_diff", "ok"}."""
+  if not (runs := [r for r in load_runs(results)
+                   if r.get("status", "ok") == "ok"]):
     raise ValueError(f"{results} has no finished runs to verify")
   checks = []
   for i in sorted({round(x) for x in np.linspace(0, len(runs) - 1,
@@ -271,33 +238,27 @@ def verify(results: pathlib.Path, runs_dir: pathlib.Path, count: int,
     summary = lm_runs.run(lm_runs.argv_of(r["command"], out), runner)
     if "diverged" in summary:
       raise FloatingPointError(f"verify {out.name}: {summary['diverged']}")
-    checks.append({k: r[k] for k in ("data", "family", "variant", "lr",
-                                     "seed", "command")})
-    for key in ("final_eval_loss", "final_val_loss"):
-      checks[-1][key] = {"recorded": r[key], "rerun": summary[key],
-                         "diff": summary[key] - r[key]}
-    checks[-1]["code"] = r.get("code")
-    print(f"[lm_quality] verify {out.name}: test {r['final_eval_loss']:.4f}"
-          f" -> {summary['final_eval_loss']:.4f}", flush=True)
-  worst = max(abs(c[k]["diff"]) for c in checks
-              for k in ("final_eval_loss", "final_val_loss"))
+    checks.append({**{k: r[k] for k in ("data", "family", "variant", "lr",
+                                        "seed", "command")},
+                   **{k: {"recorded": r[k], "rerun": summary[k],
+                          "diff": summary[k] - r[k]} for k in LOSSES},
+                   "code": r.get("code")})
+    log(f"verify {out.name}: test {r['final_eval_loss']:.4f} -> "
+        f"{summary['final_eval_loss']:.4f}")
+  worst = max(abs(c[k]["diff"]) for c in checks for k in LOSSES)
   return {"tolerance": tolerance, "checks": checks, "max_abs_diff": worst,
           "ok": worst <= tolerance}
 
 
 def val_loss(record: dict | None) -> float:
   """Selection score: diverged or missing runs score +inf."""
-  if record is None or record.get("final_val_loss") is None:
-    return math.inf
-  return record["final_val_loss"]
+  loss = (record or {}).get("final_val_loss")
+  return math.inf if loss is None else loss
 
 
 def choose_lr(family: str, arm: str, setting: Setting, run) -> tuple:
-  """Seed-0 search; ``run(cell) -> record``. Returns (best lr, tried lrs).
-
-  Starts from ``LR_GRID[family]`` and extends by factors of 2 past an edge
-  holding the best validation loss, at most ``MAX_EXTEND`` times.
-  """
+  """Seed-0 search from ``LR_GRID[family]``, extended by factors of 2 past
+  an edge with the best validation loss; returns (best lr, tried lrs)."""
   grid = sorted(LR_GRID[family])
   scores = {}
   for _ in range(MAX_EXTEND + 1):
@@ -316,10 +277,7 @@ def choose_lr(family: str, arm: str, setting: Setting, run) -> tuple:
 
 
 def selected_lrs(runs: list[dict], setting: Setting, family: str) -> dict:
-  """{arm: lr} chosen from the seed-0 clean runs of the results file.
-
-  The same rule as ``choose_lr`` applied to what has been run.
-  """
+  """{arm: lr}: ``choose_lr``'s rule on the seed-0 clean records."""
   chosen = {}
   for arm in MAIN_ARMS:
     scores = {r["lr"]: val_loss(r)
@@ -339,14 +297,10 @@ def quick_lrs(results: pathlib.Path, setting: Setting) -> dict:
 def run_family(family: str, setting: Setting, seeds: int, run,
                noise: bool, arms: tuple[str, ...] = MAIN_ARMS + ABLATIONS
                ) -> None:
-  """The learning-rate search of both main arms, then seeds ``0 .. seeds-1``
-  of every arm in ``arms`` (and of the noisy main arms if ``noise``).
-
-  ``arms`` only narrows the seeded cells (for example more seeds for a few
-  arms); the search always runs, since every arm's rate comes from it.
-  """
+  """Both main arms' learning-rate search (always), then seeds 0 to
+  ``seeds - 1`` of ``arms`` (and of the noisy main arms if ``noise``)."""
   lrs = {arm: choose_lr(family, arm, setting, run)[0] for arm in MAIN_ARMS}
-  print(f"[lm_quality] {family}: chosen learning rates {lrs}", flush=True)
+  log(f"{family}: chosen learning rates {lrs}")
   main_arms = [arm for arm in MAIN_ARMS if arm in arms]
   seeded = [(arm, lrs[arm], seed, 0.0) for seed in range(seeds)
             for arm in main_arms]
@@ -375,8 +329,7 @@ def summarize(runs: list[dict], setting: Setting) -> dict:
     fam = out[family] = {"lr": lrs, "arms": {}, "diffs": {}, "noise": None}
     fam["grid"] = {arm: sorted((r["lr"], r["final_val_loss"]) for r in select(
         runs, setting, family, arm, seed=0)) for arm in MAIN_ARMS}
-    # Settled: the choose_lr rule would stop here (optimum inside the
-    # tried rates, or the extension budget used up).
+    # Settled: choose_lr would stop here (inside, or the budget used up).
     fam["settled"] = {
         arm: len(pts) >= len(LR_GRID[family]) and (
             lrs.get(arm) not in (pts[0][0], pts[-1][0])
@@ -410,98 +363,83 @@ def summarize(runs: list[dict], setting: Setting) -> dict:
 def report_markdown(runs: list[dict], setting: Setting, summary: dict,
                     png: str, results_name: str) -> str:
   """The ``lm_quality`` section of RESULTS.md (without its markers)."""
-  fmt_diff = lambda p: lm_runs.fmt(p, sign="+", one=" (1 seed)")
-  fmt_improved = lambda p: "-" if p is None else f"{p['improved']}/{p['n']}"
-  fmt_loss = lambda x: ("-" if x is None or not math.isfinite(x)
-                        else f"{x:.4f}")
+  diff = lambda p: lm_runs.fmt(p, sign="+", one=" (1 seed)")
+  improved = lambda p: "-" if p is None else f"{p['improved']}/{p['n']}"
+  loss = lambda x: "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
   sel = [r for r in runs if setting.matches(r)]
   ok = [r for r in sel if r.get("wall_s") is not None]
-  lines = ["## Quality: does bias correction pay? "
-           "(`benchmarks/lm_quality.py`)", ""]
+  head = "## Quality: does bias correction pay? (`benchmarks/lm_quality.py`)"
   if not sel:
-    return "\n".join(lines + [f"No runs yet: `python -m {MODULE}`."])
+    return f"{head}\n\nNo runs yet: `python -m {MODULE}`."
   tokens = setting.microbatches * setting.microbatch_size * setting.seq_len
   walls = [r["wall_s"] for r in ok]
   cpus = [r["cpu_s"] for r in ok if r.get("cpu_s") is not None]
   loads = [r["loadavg_1m"] for r in sel if r.get("loadavg_1m") is not None]
   light = [r["wall_s"] for r in ok if r.get("loadavg_1m", 99) < LIGHT_LOAD]
-  lines += [
-      f"`{setting.preset}` preset, {setting.steps} steps of M = "
-      f"{setting.microbatches} microbatches x {setting.microbatch_size} "
-      f"sequences x {setting.seq_len} tokens ({tokens} tokens/step, "
-      f"{tokens * setting.steps:,} tokens/run), byte-level Shakespeare (train"
-      " on 32 plays, choose the learning rate on the validation plays, report"
-      " the test plays: `examples/lm/data.py`), cosine schedule with "
-      f"{setting.warmup} warm-up steps and a 0.1 floor, the same for every "
-      "arm. Each arm's learning rate is chosen on validation with seed 0 from"
-      " a factor-2 grid (extended past an edge when the best value sits "
-      "there); the comparison is on test, paired by seed (a seed fixes the "
-      "initialisation and the batch order). Differences are `arm - std` in "
-      "nats/token, ± one standard error over seeds; \"improved\" counts the "
-      "seeds where the arm's test loss is lower.", "",
-      f"{len(sel)} runs in `benchmarks/results/{results_name}`"
-      + (f"; one run took a median {np.median(walls):.0f} s of training wall "
-         f"time ({np.median(cpus):.0f} s of process CPU time including "
-         "compilation) on this 2-core CPU machine, shared with other jobs "
-         f"(1-minute load average {min(loads):.1f}-{max(loads):.1f} at the "
-         "runs' starts)" if walls and cpus and loads else "")
-      + (f"; the {len(light)} runs started at a load average below "
-         f"{LIGHT_LOAD:g} took a median {np.median(light):.0f} s." if light
-         else "."), ""]
   main_rows, ablation_rows, grid_rows = [], [], []
   for family, fam in summary.items():
     arms, d = fam["arms"], fam["diffs"].get("bc")
-    pending = [a for a in MAIN_ARMS if not fam["settled"].get(a)]
     main_rows.append([
-        family + (" (lr search in progress)" if pending else ""),
+        family + (" (lr search in progress)" if not all(
+            fam["settled"].get(a) for a in MAIN_ARMS) else ""),
         *(f"{fam['lr'][a]:g}" if a in fam["lr"] else "-" for a in MAIN_ARMS),
-        *(fmt_loss(arms.get(a, {}).get("mean")) for a in MAIN_ARMS),
-        fmt_diff(d), fmt_improved(d), f"{PAPER_DELTA[family]:+.3f}"])
+        *(loss(arms.get(a, {}).get("mean")) for a in MAIN_ARMS),
+        diff(d), improved(d), f"{PAPER_DELTA[family]:+.3f}"])
     if fam["noise"]:
       nz, paper = fam["noise"], PAPER_DELTA.get(family + "-noise")
       main_rows.append([
           f"{family}, noise q = {NOISE:g}", "(same)", "(same)",
-          fmt_loss(nz["std"]), fmt_loss(nz["bc"]), fmt_diff(nz["diff"]),
-          fmt_improved(nz["diff"]), "-" if paper is None else f"{paper:+.3f}"])
+          loss(nz["std"]), loss(nz["bc"]), diff(nz["diff"]),
+          improved(nz["diff"]), "-" if paper is None else f"{paper:+.3f}"])
     for arm in (a for a in MAIN_ARMS + ABLATIONS if a in arms):
-      a, d, db = arms[arm], fam["diffs"].get(arm), fam["diffs"].get(
-          f"{arm}-bc")
+      a, d, db = arms[arm], fam["diffs"].get(arm), fam["diffs"].get(f"{arm}-bc")
       div = f" ({a['diverged']} diverged)" if a["diverged"] else ""
       ablation_rows.append([
-          family, arm, f"{a['lr']:g}", f"{a['n']}{div}", fmt_loss(a["mean"]),
-          *((fmt_diff(d), fmt_improved(d)) if arm != "std" else ("", "")),
-          fmt_diff(db) if db else ""])
+          family, arm, f"{a['lr']:g}", f"{a['n']}{div}", loss(a["mean"]),
+          *((diff(d), improved(d)) if arm != "std" else ("", "")),
+          diff(db) if db else ""])
     for arm, pts in ((arm, pts) for arm, pts in fam["grid"].items() if pts):
-      cells = [f"{lr:g}: {fmt_loss(v) if v is not None else 'diverged'}"
+      cells = [("**{}**" if lr == fam["lr"].get(arm) else "{}").format(
+          f"{lr:g}: {loss(v) if v is not None else 'diverged'}")
                for lr, v in pts]
-      cells = [f"**{c}**" if lr == fam["lr"].get(arm) else c
-               for c, (lr, _) in zip(cells, pts)]
       edge = fam["lr"].get(arm) in (pts[0][0], pts[-1][0])
       note = ("" if not edge else " (edge: extension budget used up)"
               if fam["settled"].get(arm) else " (search in progress)")
       grid_rows.append([family, arm, ", ".join(cells) + note])
   missing = [f for f in FAMILIES if f not in summary]
-  lines += [
+  return "\n".join([
+      head, "", f"`{setting.preset}` preset, {setting.steps} steps of M = "
+      f"{setting.microbatches} x {setting.microbatch_size} sequences x "
+      f"{setting.seq_len} tokens ({tokens} tokens/step, "
+      f"{tokens * setting.steps:,}/run) of byte-level Shakespeare (32 "
+      f"training plays), cosine schedule, {setting.warmup} warm-up steps, 0.1"
+      " floor (docs/quality.md). `arm - std`: test loss in nats/token, paired"
+      " by seed, ± one standard error; improved: seeds where the arm is "
+      f"lower. {len(sel)} runs in `benchmarks/results/{results_name}`"
+      + (f"; a median {np.median(walls):.0f} s of training wall time per run"
+         f" ({np.median(cpus):.0f} s of process CPU time with compilation) "
+         "on this shared 2-core CPU machine (1-minute load average "
+         f"{min(loads):.1f}-{max(loads):.1f} at the starts)"
+         if walls and cpus and loads else "")
+      + (f"; {np.median(light):.0f} s for the {len(light)} runs started "
+         f"below a load of {LIGHT_LOAD:g}." if light else "."), "",
       harness.table(["family", "lr std", "lr bc", "test std", "test bc",
                      "bc - std", "improved", "paper (Qwen2.5-0.5B)"],
                     main_rows), "",
-      "Ablations at the `bc` arm's learning rate (same seeds): `cf` cross-fit"
-      " only, `inv` inverse correction only, `paper` the reference code's "
-      "variant (AdamW LOO, Sophia/Shampoo twofold, `\"paper\"` estimator).",
+      "Ablations at the `bc` rate, same seeds: `cf` cross-fit only, `inv` "
+      "inverse correction only, `paper` the reference code's variant (AdamW "
+      "LOO, Sophia/Shampoo twofold, `\"paper\"` estimator).",
       "", harness.table(["family", "arm", "lr", "seeds", "mean test",
                          "arm - std", "improved vs std", "arm - bc"],
                         ablation_rows), "",
-      "Learning-rate search (seed 0, final validation loss; **bold** = "
-      "chosen; an edge choice means the grid did not bracket the optimum "
-      "within the extension budget):", "",
+      "Learning-rate search (seed 0, factor-2 grid; final validation loss, "
+      "**bold**: chosen):", "",
       harness.table(["family", "arm", "lr: validation loss"], grid_rows),
       *(["", f"Not run yet: {', '.join(missing)}."] if missing else []), "",
       f"![paired differences and loss curves]({png})", "",
-      f"Reproduce: `python -m {MODULE}` (resumable; `--families adamw` for "
-      "one family, `--report-only` to rebuild this section); every record's "
-      "`command` reruns one cell. On an accelerator add e.g. `--preset small "
-      "--steps 2000 --devices N`."]
-  return "\n".join(lines)
+      f"Reproduce: `python -m {MODULE}` (resumable; `--report-only`: this "
+      "section; on an accelerator add e.g. `--preset small --steps 2000 "
+      "--devices N`); every record's `command` reruns one cell."])
 
 
 def plot(summary: dict, curves: dict, runs: list[dict], setting: Setting,
@@ -562,9 +500,8 @@ def report(results: pathlib.Path, setting: Setting, png: pathlib.Path,
       png, (results_md or harness.RESULTS_MD).parent), results.name)
   print(section)
   if summary:
-    path = curves_path(results)
-    plot(summary, json.loads(path.read_text()) if path.exists() else {},
-         runs, setting, png)
+    curves = harness.read_json(curves_path(results), {})
+    plot(summary, curves, runs, setting, png)
   if results_md is not None:
     harness.write_section("lm_quality", section, results_md)
   return summary
@@ -572,27 +509,20 @@ def report(results: pathlib.Path, setting: Setting, png: pathlib.Path,
 
 def parse_args(argv=None) -> argparse.Namespace:
   """The flags, with ``setting``, ``results``, ``png`` and ``runs_dir``."""
-  p = lm_runs.parser(
-      MODULE, __doc__, "adamw vs adamw_bc, seed 0 (two runs) at the rates "
-      "chosen in results/lm_quality.json", "benchmarks/results/"
-      "lm_quality.json, runs/lm_quality_quick.json with --quick",
-      "runs/lm_quality[_quick]")
+  p = lm_runs.parser(MODULE, __doc__, "adamw vs adamw_bc, seed 0 (two runs) "
+                     "at the rates chosen in results/lm_quality.json",
+                     RESULTS, RUNS)
   add = p.add_argument
   add("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
   add("--seeds", type=int, default=3)
   add("--arms", nargs="+", default=list(MAIN_ARMS + ABLATIONS),
-      choices=MAIN_ARMS + ABLATIONS, help="arms that get seeds (default: "
-      "all; the learning-rate search always runs)")
+      choices=MAIN_ARMS + ABLATIONS, help="the arms that get seeds")
   add("--no-noise", action="store_true", help="skip AdamW's noisy-data row")
-  add("--rerun-unversioned", action="store_true", help="first re-run the "
-      "selected families' records that have no `code` (the old records go "
-      "to `superseded`)")
-  add("--verify", type=int, metavar="K", help="re-run K records (spread "
-      "over the file), write lm_quality_verify.json next to it (earlier "
-      "checks under `previous`), fail if a loss moved by more than "
-      f"{REPRODUCE_TOLERANCE}")
-  shape = ("preset", "steps", "microbatches", "microbatch_size", "seq_len",
-           "devices")
+  add("--rerun-unversioned", action="store_true",
+      help="first re-run the families' records that have no `code`")
+  add("--verify", type=int, metavar="K", help="re-run K records spread over "
+      f"the file (*_verify.json); fail if a loss moves > {REPRODUCE_TOLERANCE}")
+  shape = ("preset", *SHAPE, "devices")
   for k in shape:
     add("--" + k.replace("_", "-"), default=getattr(Setting, k),
         type=type(getattr(Setting, k)))
@@ -600,14 +530,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.seeds < 1 or (args.verify is not None and args.verify < 1):
     p.error("--seeds and --verify take a positive count")
   args.setting = Setting(**{k: getattr(args, k) for k in shape})
-  # --quick keeps its runs out of the committed results (so that it always
-  # trains on a fresh checkout). Paths are relative to the repository root.
-  quick = "_quick" if args.quick else ""
-  args.results = harness.ROOT / (args.results or (
-      f"runs/lm_quality{quick}.json" if quick
-      else harness.RESULTS_DIR / "lm_quality.json"))
-  args.png = args.results.with_suffix(".png")
-  args.runs_dir = harness.ROOT / (args.runs_dir or f"runs/lm_quality{quick}")
+  lm_runs.paths(args, RESULTS, RUNS)
+  args.runs_dir = harness.ROOT / args.runs_dir
   return args
 
 
@@ -616,37 +540,35 @@ def main(argv=None, runner=None) -> None:
   setting, results, t0 = args.setting, args.results, time.time()
   run = lambda cell: run_cell(cell, setting, results, args.runs_dir, runner)
   if args.devices > 1 and "XLA_FLAGS" not in os.environ:
-    print("[lm_quality] note: on CPU, --devices N needs XLA_FLAGS="
-          "--xla_force_host_platform_device_count=N", flush=True)
+    log("note: on CPU, --devices N needs XLA_FLAGS="
+        "--xla_force_host_platform_device_count=N")
   if args.verify is not None:
     check = verify(results, args.runs_dir, args.verify, runner)
     path = results.with_name(results.stem + "_verify.json")
-    old = json.loads(path.read_text()) if path.exists() else None
+    old = harness.read_json(path)
     harness.write_json(path, {   # earlier checks kept, newest first
         "command": harness.command(MODULE, argv),
-        "code": harness.git_state(),
-        **check, "previous": [] if old is None else [old] + old.pop(
-            "previous", [])})
-    print(f"[lm_quality] verify: {len(check['checks'])} runs, largest "
-          f"|difference| {check['max_abs_diff']:.4f} nats (tolerance "
-          f"{check['tolerance']})", flush=True)
+        "code": harness.git_state(), **check,
+        "previous": [old] + old.pop("previous", []) if old else []})
+    log(f"verify: {len(check['checks'])} runs, largest |difference| "
+        f"{check['max_abs_diff']:.4f} nats (tolerance {check['tolerance']})")
     if not check["ok"]:
       raise SystemExit(1)
     return
   if args.quick and not args.report_only:
-    lrs = quick_lrs(harness.RESULTS_DIR / "lm_quality.json", setting)
-    print(f"[lm_quality] --quick: learning rates {lrs}", flush=True)
+    lrs = quick_lrs(harness.ROOT / RESULTS[0], setting)
+    log(f"--quick: learning rates {lrs}")
     for arm in MAIN_ARMS:
       run(Cell("adamw", arm, lrs[arm], 0))
   elif not args.report_only:
     if args.rerun_unversioned:
       n = rerun_unversioned(results, setting, args.families, run)
-      print(f"[lm_quality] re-ran {n} unversioned records", flush=True)
+      log(f"re-ran {n} unversioned records")
     for family in args.families:
       run_family(family, setting, args.seeds, run, noise=family == "adamw"
                  and not args.no_noise, arms=tuple(args.arms))
   report(results, setting, args.png, None if args.quick else harness.RESULTS_MD)
-  print(f"[lm_quality] done in {time.time() - t0:.0f} s", flush=True)
+  log(f"done in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,9 @@
-"""Training runs of the LM example for ``lm_quality`` and
-``finetune_averaging``: run storage, statistics, flags and figures.
-
-A run is one ``python -m examples.lm.train ARGV`` subprocess in the
-repository root (one run per process: no memory growth over a grid, and the
-recorded command is what ran). :func:`run` reuses a run folder (``--out``)
-whose ``summary.json`` holds the same command, resumes one interrupted with
-checkpoints of the same settings (``--resume``; the example then reproduces
-the uninterrupted run on CPU), else trains afresh (replacing a folder that
-holds another run only if asked). The trainer ``runner(argv) -> summary`` is
-injectable (the tests use a fake one).
+"""The LM example's training runs for ``lm_quality`` and
+``finetune_averaging`` (:func:`run`: one ``python -m examples.lm.train``
+subprocess per run, in the repository root, so memory does not grow over a
+grid and the recorded command is what ran), their shared flags, statistics
+and figures.
 """
-
-from __future__ import annotations
 
 import argparse
 import json
@@ -67,13 +59,9 @@ def metrics(out) -> list[dict]:
 
 
 def subprocess_runner(argv: Sequence[str], module: str = MODULE) -> dict:
-  """Trains in a ``python -m module`` subprocess; returns the run's summary.
-
-  Raises:
-    FloatingPointError: the loss became NaN or infinite.
-    KeyboardInterrupt: Ctrl-C, once the run has saved its checkpoint.
-    RuntimeError: any other failure (with the end of its stderr).
-  """
+  """Trains in a ``python -m module`` subprocess; returns its summary.
+  ``FloatingPointError``: a NaN or infinite loss; ``KeyboardInterrupt``:
+  once the run saved its checkpoint; ``RuntimeError``: any other failure."""
   with subprocess.Popen([sys.executable, "-m", module, *argv],
                         cwd=harness.ROOT, stderr=subprocess.PIPE,
                         text=True) as p:
@@ -113,21 +101,17 @@ def _cpu_children() -> float:
 
 def run(argv: Sequence[str], runner: Optional[Callable] = None,
         replace: bool = False) -> dict:
-  """Trains ``argv`` unless its folder holds that run finished.
-
-  Returns:
-    The run's summary, its ``command`` the canonical one (without
-    ``--resume``), with ``benchmark``: the git state of the code when the
-    run started, its wall and CPU seconds (the subprocess's: imports and
-    compilation included), the 1-minute load average at its start and
-    whether it resumed. A diverged run's has only these and ``diverged``.
-
-  Raises:
-    ValueError: the folder holds another run and ``replace`` is false.
-  """
+  """Reuses ``argv``'s folder (``--out``) if its ``summary.json`` has the
+  same command, resumes its checkpoints of the same settings (``--resume``;
+  the example then reproduces the whole run on CPU), else trains afresh
+  with ``runner`` (``ValueError`` if the folder holds another run, unless
+  ``replace``). Returns the summary with the ``command`` (no ``--resume``)
+  and ``benchmark``: the code's git state, the subprocess's wall and CPU
+  seconds, the load at the start, whether it resumed (a diverged run's:
+  only these and ``diverged``)."""
   argv, cmd, out = list(argv), command(argv), out_dir(argv)
   path = out / "summary.json"
-  summary = json.loads(path.read_text()) if path.exists() else None
+  summary = harness.read_json(path)
   if summary is not None and summary["command"] == cmd:
     print(f"reusing {out}", flush=True)
     return summary
@@ -154,19 +138,28 @@ def run(argv: Sequence[str], runner: Optional[Callable] = None,
   return summary
 
 
-def parser(module: str, doc: str, quick: str, results: str, runs: str
+def parser(module: str, doc: str, quick: str, results: tuple, runs: tuple
            ) -> argparse.ArgumentParser:
-  """The flags of both scripts: --quick (help ``quick``), --report-only,
-  --results and --runs-dir (relative to the root; defaults named)."""
+  """Both scripts' --quick (help ``quick``), --report-only, --results and
+  --runs-dir (defaults ``results``, ``runs``: without and with --quick)."""
   p = harness.parser(module, doc)
   p.add_argument("--quick", action="store_true", help=quick)
   p.add_argument("--report-only", action="store_true", help="rebuild the "
                  "PNG and the RESULTS.md section from the results JSON")
-  p.add_argument("--results", type=pathlib.Path, help="results JSON "
-                 f"(default: {results}); the PNG goes next to it")
-  p.add_argument("--runs-dir", type=pathlib.Path,
-                 help=f"run folders (default: {runs})")
+  p.add_argument("--results", type=pathlib.Path, help="results JSON (default"
+                 f": {results[0]}, {results[1]} with --quick); the PNG goes "
+                 "next to it")
+  p.add_argument("--runs-dir", type=pathlib.Path, help="run folders "
+                 f"(default: {runs[0]}, {runs[1]} with --quick)")
   return p
+
+
+def paths(args: argparse.Namespace, results: tuple, runs: tuple) -> None:
+  """Fills in ``args.results`` (under the root), ``args.png`` next to it
+  and ``args.runs_dir`` (as given) from the defaults of :func:`parser`."""
+  args.results = harness.ROOT / (args.results or results[args.quick])
+  args.png = args.results.with_suffix(".png")
+  args.runs_dir = args.runs_dir or pathlib.Path(runs[args.quick])
 
 
 # Statistics and figures ----------------------------------------------------
@@ -183,9 +176,9 @@ def mean_se(x) -> dict:
 
 
 def paired(a: dict, b: dict) -> Optional[dict]:
-  """``a - b`` over the seeds both have ({seed: loss}, None: diverged):
-  mean, se (None for one seed), n, the number of seeds where ``a`` is
-  lower (``improved``), the seeds and the differences."""
+  """``a - b`` over the seeds both have ({seed: loss}, None: diverged): mean,
+  se (None for one seed), n, ``improved`` (seeds where ``a`` is lower),
+  the seeds and the differences."""
   seeds = sorted(s for s in set(a) & set(b)
                  if a[s] is not None and b[s] is not None)
   if not seeds:

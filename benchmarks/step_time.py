@@ -1,27 +1,13 @@
 r"""Train-step cost of the bias-corrected optimizers on the LM example.
 
-Timed on a preset of the example, interleaved in one process (the harness:
-programs compiled once, state donated and fed back, rounds of one call
-each, wall and process CPU time; XLA's memory figures):
-
-* the example's train steps (``train.build``) of each family's ``std``
-  (``--optimizer FAMILY``) and ``bc`` (``FAMILY_bc``) arm; Sophia's refresh
-  and non-refresh steps (two programs), Shampoo's root and non-root steps
-  (one program, the count of its ``ScaleByShampooBCState`` set before each
-  call);
-* ``plain``: the step without bcopt, the gradient of the mean loss over the
-  whole batch, ``optax.clip_by_global_norm`` and ``optax.adamw`` with the
-  example's hyperparameters and schedule;
-* the curvature estimators, one ``vmap(bcopt.gnb_diag)`` pass (what a
-  Sophia refresh adds) and one ``vmap(bcopt.hutchinson_diag)`` pass over
-  the M microbatches, against one gradient pass ``vmap(grad(loss))``.
-
-Reported: medians, medians of the per-round ratios ``bc / std``, ``/ plain``
-and ``/ gradients``, and issue 6's target (AdamW-BC and Sophia-BC
-non-refresh steps at most ``TARGET`` x ``std``). Batches are random tokens.
-
-Usage (results in ``benchmarks/results/step_time[_quick].json``; without
-``--quick`` also the ``step_time`` section of RESULTS.md)::
+Timed interleaved (``harness``) on random tokens: each family's ``std`` and
+``bc`` train steps of the example (Sophia refresh / non-refresh; Shampoo
+root / non-root, one program, the count set before each call), ``plain``
+(full-batch gradient, clip, ``optax.adamw``), and ``vmap`` over the
+microbatches of ``gnb_diag``, ``hutchinson_diag`` and ``grad(loss)``.
+Reported: medians, per-round ratios, XLA's memory, issue 6's ``TARGET``
+(docs/performance.md). Writes ``results/step_time[_quick].json`` and,
+without ``--quick``, its RESULTS.md section::
 
   python -m benchmarks.step_time --presets tiny     # ~10 min on 2 cores
   python -m benchmarks.step_time                    # tiny and small
@@ -30,8 +16,7 @@ Usage (results in ``benchmarks/results/step_time[_quick].json``; without
 
 import os
 
-# Before numpy loads SciPy's OpenBLAS (LAPACK eigh of Shampoo's roots), as
-# in update_cost: its busy-waiting threads slow eigh on a loaded machine.
+# Before numpy loads SciPy's OpenBLAS, as in update_cost (Shampoo's eigh).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -104,9 +89,8 @@ def runners(args, preset: str, log) -> tuple[dict, dict]:
       model_cfg = config.model_config(cfg, data.BYTE_VOCAB)
       prog = train.build(cfg, model_cfg)
       state = prog.init(jax.random.key(0))
-      fact = {"optimizer": name, "params": model.count_params(
-          state["params"]), "opt_state_bytes": harness.nbytes(
-              state["opt_state"])}
+      fact = {"optimizer": name, "params": model.count_params(state["params"]),
+              "opt_state_bytes": harness.nbytes(state["opt_state"])}
       for kind, refresh in KINDS.get(family, {"": False}).items():
         program = prog.train_steps[refresh]   # jitted: compiled once here
         for suffix, count in (SHAMPOO if family == "shampoo" else {"": None}
@@ -121,8 +105,7 @@ def runners(args, preset: str, log) -> tuple[dict, dict]:
           if program is not out[label].compiled:
             log(f"  {label}: compiled in {out[label].compile_s:.1f} s")
           program, facts[label] = out[label].compiled, fact
-  # The plain step and the estimators, on the model and parameters of the
-  # last step (the same for every optimizer).
+  # The plain step and the estimators on the last step's model and params.
   logits_fn, loss_fn = model.make_loss_fns(model_cfg)
   step, tx = plain_step(settings(args, preset, "adamw"), loss_fn)
   params = state["params"]
@@ -210,20 +193,17 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="default: tiny small (tiny with --quick)")
   add("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
   add("--model", action="append", default=[], metavar="FIELD=VALUE",
-      help="override a model field, as in the example")
+      help="as in the example")
   add("--microbatches", type=int, default=8)
   add("--microbatch-size", type=int, default=2)
   add("--seq-len", type=int, default=128)
   add("--rounds", type=int, help="default 15 (3 with --quick)")
-  add("--max-seconds", type=float, default=900.0,
-      help="per preset: stop the rounds after this (>= 3 rounds)")
+  add("--max-seconds", type=float, default=900.0, help="per preset (>= 3 "
+      "rounds)")
   add("--warmup", type=int, default=2, help="untimed calls per program")
-  add("--fast-compile", action="store_true",
-      help="the example's --fast-compile (smoke tests)")
-  add("--quick", action="store_true", help="3 rounds of tiny; no RESULTS.md"
-      " section")
-  add("--out", help="JSON path (default benchmarks/results/"
-      "step_time[_quick].json)")
+  add("--fast-compile", action="store_true", help="as in the example")
+  add("--quick", action="store_true", help="3 rounds of tiny; no RESULTS.md")
+  add("--out", help="JSON (default results/step_time[_quick].json)")
   args = p.parse_args(argv)
   args.presets = args.presets or (["tiny"] if args.quick else ["tiny", "small"])
   args.rounds = args.rounds or (3 if args.quick else 15)
@@ -239,7 +219,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   env = harness.environment()
-  result = {"command": harness.command(MODULE, argv), "environment": env, "config": vars(args), "presets": {}}
+  result = {"command": harness.command(MODULE, argv), "environment": env,
+            "config": vars(args), "presets": {}}
   for preset in args.presets:
     res = result["presets"][preset] = measure(
         args, preset, lambda s: print(s, flush=True))
@@ -248,9 +229,9 @@ def main(argv=None) -> dict:
     harness.write_json(args.out, {**result, "environment": harness.finish(
         env)})   # after each preset
   if not args.quick:
-    harness.write_section("step_time", f"## Train-step cost (`"
-                          f"{result['command']}`)\n\n" + "\n\n".join(
-                              r["markdown"] for r in result["presets"].values()))
+    harness.write_section("step_time", "\n\n".join(
+        [f"## Train-step cost (`{result['command']}`)"]
+        + [r["markdown"] for r in result["presets"].values()]))
   print(f"wrote {args.out} ({env['wall_s']:.0f} s, load "
         f"{env['loadavg_start'][0]:.1f} -> {env['loadavg_end'][0]:.1f})")
   return result

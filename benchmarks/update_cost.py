@@ -1,59 +1,21 @@
 r"""Cost of one optimizer update: bcopt's three families against optax.
 
-Every cell (a family at one size and M) compiles its variants, then times
-them interleaved in one process (``benchmarks.harness``: optimizer state
-donated and fed back as in a train step, compile and ``--warmup`` calls
-excluded, rounds in which every variant runs once with the start rotated,
-``block_until_ready``, wall and process-CPU time per call; a cell stops
-after ``--max-seconds`` once it has 3 rounds). Reported: medians and
-quartiles, ratios to the baselines (of the medians, and the median of the
-per-round ratios), XLA's memory figures of each compiled program, state
-bytes; the JSON records the load average at the start of every cell.
+Each cell (a family, a size, an M) times its compiled variants interleaved
+(``harness``; compile and ``--warmup`` calls excluded, ``--max-seconds``
+once 3 rounds are done): medians, ratios to the baselines, XLA's memory and
+cost figures, state bytes (cost models: docs/performance.md).
 
-* ``adam``: ``bcopt.scale_by_adam_bc`` for every cross-fit scheme with the
-  jackknife, LOO without a correction and the standard variant (optax's rule
-  through bcopt), against ``optax.scale_by_adam`` on the mean of the same
-  microbatched gradients taken (a) by ``jnp.mean(g, 0)``, what a user
-  writes, and (b) by ``bcopt.microbatch_mean``; also a global-norm clip in
-  front (bcopt's on the microbatches, optax's on the mean). On XLA:CPU (jax
-  0.10) (a)'s reduction over the leading axis is a single-threaded YNNPACK
-  kernel, several times slower than the fused mean of (b)
-  (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce`` turns it
-  off). Trees are LM-shaped (tied embedding; per layer two norm scales,
-  fused QKV, attention output, MLP in and out). Every statistic reduces the
-  M values of one coordinate, so a fused update moves ``4 M + 20`` bytes per
-  float32 parameter in every variant; ``xla_per_param`` is XLA's own cost
-  analysis of the CPU program, which counts every kernel's operands.
-* ``sophia``: ``bcopt.scale_by_sophia_bc`` (LOO + jackknife; standard) on a
-  refresh step (``curvature=`` given) and a cached-inverse step, against
-  the same baselines, Adam-BC and ``optax.contrib.sophia`` on the mean (its
-  Hessian estimator returns the mean of the same curvature estimates; weight
-  decay 0, learning rate 1) on refresh and no-refresh steps; amortized over
-  a refresh every ``REFRESH_EVERY`` steps.
-* ``shampoo``: one ``d x d`` parameter (one tile), each variant of
-  ``SHAMPOO`` on a root step and a non-root step (one compiled program, the
-  step counter set before each call, untimed), ``optax.adam`` on the mean,
-  one ``eigh`` of a factor and one projection ``Q_L^T G_j Q_R``
-  (``bcopt._src.shampoo._project``, the correction's unit of work).
-  ``memory_step_only``: XLA's buffer assignment of the step compiled with
-  its counter fixed, so that XLA removes the ``lax.cond`` branch not taken
-  (the timed program holds both). Cost model: the twofold jackknife
-  projects ``1.5 M`` microbatches (``M`` for the roots, ``M / 2`` for the
-  candidate), so it should add about ``1.5 M x projection / root step``;
-  ``eigh_in_projections`` (``E``) is the exchange rate, and a correction
-  below 30% at ``M = 16`` needs ``E >= 18.75``. ``OPENBLAS_NUM_THREADS`` is
-  set to 1 before numpy starts unless already set: SciPy's OpenBLAS (LAPACK
-  ``eigh``) busy-waits its threads, and on a loaded machine an ``eigh`` of
-  256 x 256 then takes 1-2 s instead of 4 ms.
+* ``adam``: ``ADAM`` on LM-shaped trees against ``optax.scale_by_adam`` on
+  the mean by (a) ``jnp.mean(g, 0)``, (b) ``bcopt.microbatch_mean``; clipped.
+* ``sophia``: ``SOPHIA``'s refresh and cached steps against (a), (b),
+  Adam-BC and ``optax.contrib.sophia``, amortized over ``REFRESH_EVERY``.
+* ``shampoo``: one ``d x d`` parameter, ``SHAMPOO``'s root and other steps
+  (one program), ``optax.adam``, one ``eigh``, one projection.
 
-``--ref COMMIT`` also times bcopt at COMMIT (extracted as the package
-``bcopt_ref``) against the working tree's, interleaved: every variant that
-runs bcopt code gets a twin ``NAME @ref``, a ratio ``vs.ref`` and
-``bitwise_equal_ref``: whether both versions' first outputs (updates and new
-state, from equal initial states and inputs) are equal bit for bit.
-
-Usage (results in ``benchmarks/results/update_cost[_quick|_ref].json``; a
-run without ``--quick`` or ``--ref`` also writes its RESULTS.md section)::
+``--ref COMMIT`` adds bcopt at COMMIT (``bcopt_ref``): twins ``NAME @ref``
+and ``bitwise_equal_ref``. ``OPENBLAS_NUM_THREADS`` is 1 unless set (its
+busy-waiting threads stall LAPACK ``eigh`` under load). Writes
+``results/update_cost[_quick|_ref].json``, RESULTS.md without either::
 
   python -m benchmarks.update_cost --quick           # a smoke run
   python -m benchmarks.update_cost                   # every family
@@ -93,8 +55,7 @@ FAMILIES = ("adam", "sophia", "shampoo")
 SIZES = {  # LM-shaped trees: (vocab, d_model, layers)
     "tiny": (64, 16, 1),    # tests only
     "2M": (2048, 256, 2),   # 2,098,432 parameters
-    "16M": (8192, 512, 4),  # 16,781,824 parameters
-}
+    "16M": (8192, 512, 4)}  # 16,781,824 parameters
 MICROBATCHES = {"adam": [2, 8, 32], "sophia": [8], "shampoo": [4, 16]}
 REFRESH_EVERY = 10
 REF = " @ref"
@@ -109,34 +70,22 @@ ADAM = {  # name: (cross_fit, inverse_correction) of scale_by_adam_bc
     "Adam-BC symmetric + jackknife": ("symmetric", "jackknife"),
     "Adam-BC standard + jackknife": (None, "jackknife"),
     "Adam-BC loo, no correction": ("loo", None),
-    "Adam-BC standard, no correction": (None, None),
-}
-SOPHIA = {  # name: (cross_fit, inverse_correction) of scale_by_sophia_bc
+    "Adam-BC standard, no correction": (None, None)}
+SOPHIA = {  # the same for scale_by_sophia_bc
     "Sophia-BC loo + jackknife": ("loo", "jackknife"),
-    "Sophia-BC standard": (None, None),
-}
+    "Sophia-BC standard": (None, None)}
 CONTRIB = "optax.contrib.sophia on the mean"
 REFRESH, CACHED = ", refresh", ", no refresh"
-# name: the transform, from a bcopt version (the working tree's or --ref's).
-# "X + jackknife" is compared with "X" for the correction's cost; a
-# variance_groups=K option or a SOAP transform is one more entry.
-SHAMPOO = {
-    "standard": lambda lib: lib.scale_by_shampoo_bc(
-        cross_fit=None, inverse_correction=None),
-    "standard + jackknife": lambda lib: lib.scale_by_shampoo_bc(
-        cross_fit=None, inverse_correction="jackknife"),
-    "twofold": lambda lib: lib.scale_by_shampoo_bc(
-        cross_fit="twofold", inverse_correction=None),
-    "twofold + jackknife": lambda lib: lib.scale_by_shampoo_bc(
-        cross_fit="twofold", inverse_correction="jackknife"),
-}
+# The same for scale_by_shampoo_bc ("X + jackknife" is compared with "X").
+SHAMPOO = {"standard": (None, None),
+           "standard + jackknife": (None, "jackknife"),
+           "twofold": ("twofold", None),
+           "twofold + jackknife": ("twofold", "jackknife")}
 STEPS = {"root": 0, "non-root": 1}  # step kind: count before the call
 EIGH, PROJECTION, ADAM_MEAN = "one eigh", "one projection", "optax.adam"
 
 
-# ----------------------------------------------------------------------------
-# Inputs, functions, the reference version
-
+# Inputs, functions, the reference version ---------------------------------
 
 def lm_gradients(size: str, m: int, seed: int = 0) -> dict[str, jax.Array]:
   """Synthetic microbatched gradients (leaves ``(M, *shape)``) of an
@@ -214,15 +163,7 @@ def fingerprint(tree) -> list:
           for p, x in jax.tree_util.tree_leaves_with_path(tree)]
 
 
-def xla_per_param(compiled, n: int) -> dict[str, float]:
-  cost = compiled.cost_analysis() or {}
-  return {k: round(float(cost[k]) / n, 2)
-          for k in ("bytes accessed", "flops", "transcendentals") if k in cost}
-
-
-# ----------------------------------------------------------------------------
-# Cells
-
+# Cells ----------------------------------------------------------------------
 
 def chosen(args, name: str) -> bool:
   """Whether ``--variants`` selects ``name`` (baselines always)."""
@@ -234,7 +175,7 @@ class Cell:
   """The runners of one cell (compiled as they are added), then timed."""
 
   def __init__(self, args):
-    self.args, self.runners, self.skipped = args, {}, {}
+    self.args, self.runners, self.skipped = args, {}, {}   # by name
 
   def add(self, name: str, *args, **kwargs) -> None:
     """``harness.Runner(*args, **kwargs)`` as ``name``, unless not chosen
@@ -258,13 +199,15 @@ class Cell:
                                  warmup=args.warmup)
     variants = {}
     for name, r in runners.items():
+      cost = r.compiled.cost_analysis() or {}   # XLA's, per parameter
       v = variants[name] = {
           **harness.stats(r), "vs": {k: harness.ratios(r, runners[b])
                                      for k, b in baselines.items()},
           "compile_s": round(r.compile_s, 2),
           "memory": harness.memory(r.compiled),
           "state_bytes": harness.nbytes(r.state),
-          "xla_per_param": xla_per_param(r.compiled, n_params)}
+          "xla_per_param": {k: round(float(cost[k]) / n_params, 2) for k in (
+              "bytes accessed", "flops", "transcendentals") if k in cost}}
       if name + REF in runners:
         v["vs"]["ref"] = harness.ratios(r, runners[name + REF])
         v["bitwise_equal_ref"] = first[name] == first[name + REF]
@@ -349,7 +292,8 @@ def shampoo_cell(d: int, m: int, libs: dict, args) -> dict:
            jnp.zeros(()), q, grads["w"][:1], q, donate=False)
   for tag, lib in libs.items():
     for name in filter(lambda name: chosen(args, name), SHAMPOO):
-      tx = SHAMPOO[name](lib)
+      cf, ic = SHAMPOO[name]
+      tx = lib.scale_by_shampoo_bc(cross_fit=cf, inverse_correction=ic)
       program = update(tx)
       for kind, count in STEPS.items():
         prepare = lambda s, c=count: harness.with_count(s, c)
@@ -376,11 +320,9 @@ def shampoo_summary(v: dict, m: int) -> dict:
   terms = {"eigh_in_projections": (EIGH, PROJECTION, 1, 0),
            "predicted_overhead twofold": (PROJECTION, "twofold, root",
                                           1.5 * m, 0)}
-  for name in SHAMPOO:
-    base = name.split(" + ")[0]
-    if base != name:
-      terms[f"correction_overhead {base}"] = (f"{name}, root",
-                                              f"{base}, root", 1, -1)
+  terms |= {f"correction_overhead {base}": (f"{name}, root", f"{base}, root",
+                                            1, -1) for name in SHAMPOO
+            if (base := name.split(" + ")[0]) != name}
   for kind in STEPS:
     terms[f"twofold + jackknife, {kind} step / optax.adam"] = (
         f"twofold + jackknife, {kind}", ADAM_MEAN, 1, 0)
@@ -392,13 +334,15 @@ def shampoo_summary(v: dict, m: int) -> dict:
 CELLS = {"adam": adam_cell, "sophia": sophia_cell, "shampoo": shampoo_cell}
 
 
-# ----------------------------------------------------------------------------
-# Report
-
+# Report ---------------------------------------------------------------------
 
 def label(cell: dict) -> str:
   where = f"{cell['size']}" if "size" in cell else f"d={cell['d']}"
   return f"{where}, M={cell['M']}"
+
+
+def slash(d: dict, a: str, b: str, spec: str) -> str:
+  return f"{d[a]:{spec}} / {d[b]:{spec}}"
 
 
 def grid(cells: list, fmt, extra_rows=()) -> str:
@@ -408,29 +352,11 @@ def grid(cells: list, fmt, extra_rows=()) -> str:
                         if not n.endswith(REF))
   rows = [[n, *(fmt(c["variants"][n]) if n in c["variants"] else "n/a"
                 for c in cells)] for n in names]
-  return harness.table(["variant", *map(label, cells)],
-                       [*rows, *extra_rows])
-
-
-def x_b(v: dict) -> str:
-  return f"{v['vs']['b']['wall']:.2f} / {v['vs']['b']['cpu']:.2f}"
-
-
-def ref_table(families: dict) -> str:
-  rows = [[f, label(c), n, f"{v['median_ms']:.4g}",
-           f"{c['variants'][n + REF]['median_ms']:.4g}",
-           f"{v['vs']['ref']['wall_paired']:.3f} / "
-           f"{v['vs']['ref']['cpu_paired']:.3f}",
-           "yes" if v["bitwise_equal_ref"] else "**no**"]
-          for f, cells in families.items() for c in cells
-          for n, v in c["variants"].items() if "ref" in v["vs"]]
-  return harness.table(["family", "cell", "variant", "ms", "@ref ms",
-                        "x @ref (per-round wall / CPU)", "bitwise equal"],
-                       rows)
+  return harness.table(["variant", *map(label, cells)], [*rows, *extra_rows])
 
 
 def report(families: dict, ref) -> str:
-  out = []
+  out, x_b = [], lambda v: slash(v["vs"]["b"], "wall", "cpu", ".2f")
   if "adam" in families:
     cells = families["adam"]
     state = [[f"state bytes of {name} / of (b)", *(
@@ -442,62 +368,58 @@ def report(families: dict, ref) -> str:
             grid(cells, x_b, b_ms + state)]
   if "sophia" in families:
     cells, k = families["sophia"], REFRESH_EVERY
-    amortized = [[f"{name}, refresh every {k} (amortized)", *(
-        f"{c[f'amortized_every_{k}'][name]['median_ms_vs_b']:.2f} / "
-        f"{c[f'amortized_every_{k}'][name]['cpu_median_ms_vs_b']:.2f}"
-        for c in cells)] for name in cells[0][f"amortized_every_{k}"]]
+    amortized = [[f"{name}, refresh every {k} (amortized)", *(slash(
+        c[f"amortized_every_{k}"][name], "median_ms_vs_b",
+        "cpu_median_ms_vs_b", ".2f") for c in cells)]
+                 for name in cells[0][f"amortized_every_{k}"]]
     out += ["\n### Sophia-BC: median wall / CPU time as a multiple of (b)\n",
             grid(cells, x_b, amortized)]
   if "shampoo" in families:
-    cells = families["shampoo"]
+    cells, ms = families["shampoo"], ("median_ms", "cpu_median_ms")
     out += ["\n### Shampoo-BC, one d x d parameter: median wall / CPU ms\n",
-            grid(cells, lambda v: f"{v['median_ms']:.4g} / "
-                 f"{v['cpu_median_ms']:.4g}")]
-    rows = [[k, *(f"{c['summary']['median_ms'][k]:.3g} / "
-                  f"{c['summary']['cpu_median_ms'][k]:.3g}" for c in cells)]
-            for k in cells[0]["summary"]["median_ms"]]
-    mib = lambda c, name, k: f"{c['memory_step_only'][name][k] / 2**20:.4g}"
-    rows += [[f"{name} only: temp / peak MiB", *(
-        f"{mib(c, name, 'temp')} / {mib(c, name, 'peak_bound')}"
-        for c in cells)] for name in cells[0]["memory_step_only"]]
+            grid(cells, lambda v: slash(v, *ms, ".4g"))]
+    rows = [[k, *(slash({s: c["summary"][s][k] for s in ms}, *ms, ".3g")
+                  for c in cells)] for k in cells[0]["summary"]["median_ms"]]
+    rows += [[f"{name} only: temp / peak MiB", *(slash(
+        {k: v / 2**20 for k, v in c["memory_step_only"][name].items()},
+        "temp", "peak_bound", ".4g") for c in cells)]
+             for name in cells[0]["memory_step_only"]]
     rows.append(["gradients MiB",
                  *(f"{c['gradients_bytes'] / 2**20:.4g}" for c in cells)])
     out += ["\n### Shampoo-BC: correction, cost model (wall / CPU), memory\n",
             harness.table(["", *map(label, cells)], rows)]
   if ref:
     out += [f"\n### Working tree against bcopt at {ref['commit'][:12]}"
-            f" (`--ref {ref['requested']}`)\n", ref_table(families)]
+            f" (`--ref {ref['requested']}`)\n", harness.table(
+                ["family", "cell", "variant", "ms", "@ref ms",
+                 "x @ref (per-round wall / CPU)", "bitwise equal"],
+                [[f, label(c), n, f"{v['median_ms']:.4g}",
+                  f"{c['variants'][n + REF]['median_ms']:.4g}",
+                  slash(v["vs"]["ref"], "wall_paired", "cpu_paired", ".3f"),
+                  "yes" if v["bitwise_equal_ref"] else "**no**"]
+                 for f, cells in families.items() for c in cells
+                 for n, v in c["variants"].items() if "ref" in v["vs"]])]
   return "\n".join(out)
 
 
-# ----------------------------------------------------------------------------
-# Driver
-
+# Driver ---------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = harness.parser(MODULE, __doc__)
-  p.add_argument("--family", nargs="+", choices=FAMILIES,
-                 default=list(FAMILIES))
-  p.add_argument("--ref", metavar="COMMIT", help="also time bcopt at COMMIT"
-                 " and compare its outputs bit for bit")
-  p.add_argument("--quick", action="store_true", help="a smoke run (2M, M=8;"
-                 " d=128, M=4; 3 rounds of <= 10 s); no RESULTS.md section")
-  p.add_argument("--sizes", nargs="+", choices=SIZES,
-                 help="adam, sophia: LM-shaped trees (default 2M 16M)")
-  p.add_argument("--dims", nargs="+", type=int,
-                 help="shampoo: d of the d x d parameter (default 256 1024)")
-  p.add_argument("--microbatches", nargs="+", type=int, help="M, for every"
-                 f" family (default {MICROBATCHES})")
-  p.add_argument("--variants", nargs="+", metavar="TEXT", help="only the"
-                 " variants whose names contain one of these (and the"
-                 " baselines)")
-  p.add_argument("--reps", type=int, help="rounds per cell (default 15)")
-  p.add_argument("--max-seconds", type=float, help="a cell stops after this"
-                 " once it has 3 rounds (default 60)")
-  p.add_argument("--warmup", type=int, default=2,
-                 help="untimed calls per variant after the first")
-  p.add_argument("--out", help="JSON path (default benchmarks/results/"
-                 "update_cost[_quick|_ref].json)")
+  add = p.add_argument
+  add("--family", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+  add("--ref", metavar="COMMIT", help="also time bcopt at COMMIT")
+  add("--quick", action="store_true", help="a smoke run (2M, M=8; d=128, "
+      "M=4; 3 rounds of <= 10 s); no RESULTS.md section")
+  add("--sizes", nargs="+", choices=SIZES, help="adam/sophia trees (2M 16M)")
+  add("--dims", nargs="+", type=int, help="shampoo's d (256 1024)")
+  add("--microbatches", nargs="+", type=int, help=f"M ({MICROBATCHES})")
+  add("--variants", nargs="+", metavar="TEXT", help="only the variants "
+      "whose names contain one of these (and the baselines)")
+  add("--reps", type=int, help="rounds per cell (default 15)")
+  add("--max-seconds", type=float, help="per cell, after 3 rounds (60)")
+  add("--warmup", type=int, default=2, help="untimed calls after the first")
+  add("--out", help="JSON (default results/update_cost[_quick|_ref].json)")
   args = p.parse_args(argv)
   q = args.quick
   args.sizes = args.sizes or (["2M"] if q else ["2M", "16M"])
@@ -514,7 +436,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  argv = sys.argv[1:] if argv is None else list(argv)
   env = harness.environment()
   print(f"# update cost: jax {env['jax']}, {env['devices']}, "
         f"{env['cpus_usable']} CPUs, load {env['loadavg_start'][0]:.2f}",
