@@ -44,7 +44,6 @@ def run_mapped(mapping, step, grads, state, extra=None):
   raise ValueError(mapping)
 
 
-MAPPINGS = ["pmap", "shard_map", "vmap"]
-# jax.pmap is in maintenance mode: the per-family tests run the current
-# mappings, and tests/test_named_axis.py keeps a few pmap cases.
+# jax.pmap is in maintenance mode: tests/test_named_axis.py keeps a few pmap
+# cases, the rest run the current mappings.
 CURRENT_MAPPINGS = ["shard_map", "vmap"]

@@ -52,7 +52,7 @@ def test_matches_numpy_restatement(scheme, estimator):
   assert int(state.count) == 4
 
 
-@pytest.mark.parametrize("m", [4, 5, 7])
+@pytest.mark.parametrize("m", [5, 7])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_odd_microbatch_counts(m, scheme):
   steps = _grad_steps(1, 2, m, (6,))
@@ -94,25 +94,6 @@ def test_adamw_bc_standard_equals_optax_adamw():
     p_bc, p_ref = optax.apply_updates(p_bc, u), optax.apply_updates(p_ref, v)
     chex.assert_trees_all_close(u, v, rtol=1e-5, atol=1e-8)
   chex.assert_trees_all_close(p_bc, p_ref, rtol=1e-5)
-
-
-def test_identical_microbatches_give_standard_update():
-  """Identical microbatches: every scheme and estimator = standard Adam."""
-  g = np.random.default_rng(4).normal(size=(7,))
-  stacked = {"w": jnp.asarray(np.tile(g, (8, 1)), jnp.float32)}
-  params = {"w": jnp.zeros(7)}
-  ref = optax.scale_by_adam(B1, B2, EPS)
-  r = ref.init(params)
-  expected = None
-  for _ in range(2):
-    expected, r = ref.update({"w": jnp.asarray(g, jnp.float32)}, r)
-  for scheme, estimator in itertools.product(SCHEMES, ESTIMATORS):
-    tx = bcopt.scale_by_adam_bc(B1, B2, EPS, cross_fit=scheme,
-                                inverse_correction=estimator)
-    s, update = tx.init(params), jax.jit(tx.update)
-    for _ in range(2):
-      u, s = update(stacked, s, params)
-    chex.assert_trees_all_close(u, expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("scheme", [None, "twofold"])
