@@ -415,7 +415,7 @@ def report_markdown(runs: list[dict], setting: Setting, summary: dict,
       f"training plays), cosine schedule, {setting.warmup} warm-up steps, 0.1"
       " floor (docs/quality.md). `arm - std`: test loss in nats/token, paired"
       " by seed, ± one standard error; improved: seeds where the arm is "
-      f"lower. {len(sel)} runs in `benchmarks/results/{results_name}`"
+      f"lower. {len(sel)} runs in `{results_name}`"
       + (f"; a median {np.median(walls):.0f} s of training wall time per run"
          f" ({np.median(cpus):.0f} s of process CPU time with compilation) "
          "on this shared 2-core CPU machine (1-minute load average "
@@ -497,7 +497,8 @@ def report(results: pathlib.Path, setting: Setting, png: pathlib.Path,
   runs = load_runs(results)
   summary = summarize(runs, setting)
   section = report_markdown(runs, setting, summary, os.path.relpath(
-      png, (results_md or harness.RESULTS_MD).parent), results.name)
+      png, (results_md or harness.RESULTS_MD).parent),
+      os.path.relpath(results, harness.ROOT))
   print(section)
   if summary:
     curves = harness.read_json(curves_path(results), {})
