@@ -100,7 +100,8 @@ def test_the_recorded_commands_are_the_cells_commands():
 def test_the_committed_section_is_the_report_of_the_committed_records():
   runs = committed()["runs"]
   section = lq.report_markdown(runs, lq.Setting(), lq.summarize(
-      runs, lq.Setting()), "results/lm_quality.png", "lm_quality.json")
+      runs, lq.Setting()), "results/lm_quality.png",
+      "benchmarks/results/lm_quality.json")
   text = harness.RESULTS_MD.read_text()
   assert harness.replace_section(text, "lm_quality", section) == text
   assert "Reproduce: `python -m benchmarks.lm_quality`" in section
