@@ -3,35 +3,18 @@
     python -m examples.lm.train --optimizer adamw_bc --steps 1000
 
 One pure jitted train step with donated state: per-microbatch gradients by
-``jax.vmap`` over the microbatch axis (and, on Sophia's curvature-refresh
-steps, per-microbatch GNB curvature from ``bcopt.gnb_diag``), then the chain
-of optimizer.py (clip, optimizer, ``--average`` transforms). Sophia compiles
-two steps, with and without curvature. The flags are the fields of
-config.py's ``Config``.
-
-``--devices D`` shards the microbatch axis over a 1-D mesh ``("data",)``: the
-step runs inside ``jax.shard_map``, each device holds ``M / D`` microbatches,
-and the optimizer (and the clip) are built with ``axis_name="data"`` so every
-statistic is reduced with collectives; the result equals the one-device run
-up to float rounding. Evaluation is jitted with the batch sharded the same way.
-
-Outputs in ``--out``: ``metrics.jsonl`` (a JSON object per step, with the
-held-out losses of the parameters and of each ``--average`` at evaluations),
-``summary.json`` (``final_val_*``: validation plays, ``final_eval_*``: test
-plays), ``loss.png`` (plot.py), ``config.json`` and ``checkpoints/``
-(checkpoint.py, also ``--init-from``). Batches are a pure function of
-``(seed, step)`` and the curvature keys of ``(seed, step, microbatch)``, so
-``--resume`` reproduces the uninterrupted run exactly on CPU; ``--stop-at N``
-ends after step N with a checkpoint, as a preemption would, and so does
-Ctrl-C. A NaN or infinite loss raises ``FloatingPointError`` and keeps the
-last good checkpoint.
+``jax.vmap`` (and, on Sophia's refresh steps, per-microbatch GNB curvature),
+then optimizer.py's chain. ``--devices D`` runs it in ``jax.shard_map`` over
+a 1-D mesh ``("data",)`` with the optimizer's ``axis_name="data"``. Batches
+are a pure function of ``(seed, step)``, so ``--resume`` reproduces the
+uninterrupted run exactly on CPU. Flags, outputs and interruptions:
+docs/lm_example.md.
 
 API: ``main(argv) -> summary dict`` (None after ``--stop-at``);
-``parse_args(argv) -> config.Config`` (parses, runs nothing);
-``build(cfg, model_cfg) -> Program``: the jitted train steps ``{refresh:
-step}`` with ``step(state, windows_MxBxT1, key) -> (state, loss)`` and
-``state = {"params", "opt_state", "step"}``, the eval step and ``init(key)``,
-without running the loop.
+``parse_args(argv) -> config.Config``; ``build(cfg, model_cfg) -> Program``
+(the jitted steps ``{refresh: step(state, windows_MxBxT1, key) -> (state,
+loss)}`` with ``state = {"params", "opt_state", "step"}``, the eval step and
+``init(key)``), without running the loop.
 """
 
 from __future__ import annotations
