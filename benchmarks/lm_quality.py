@@ -32,7 +32,7 @@ MODULE = "benchmarks.lm_quality"
 FAMILIES = ("adamw", "sophia", "shampoo")
 MAIN_ARMS = ("std", "bc")
 ABLATIONS = ("cf", "inv", "paper")
-# The paper's held-out deltas, bc - std in nats (SPEC section 7).
+# The paper's held-out deltas, bc - std in nats (docs/quality.md).
 PAPER_DELTA = {"adamw": -0.1489, "sophia": -0.0701, "shampoo": -0.1103,
                "adamw-noise": -0.0191}
 # Starting learning-rate grids (factor 2 apart).

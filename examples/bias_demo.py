@@ -163,7 +163,7 @@ def population(problem: Problem) -> Population:
 
 
 def group_sizes(scheme: Optional[str], m: int) -> list[int]:
-  """Microbatches in each fold's preconditioner group (SPEC section 1)."""
+  """Microbatches in each fold's preconditioner group (docs/algorithms.md)."""
   return {None: [m], "twofold": [m - m // 2],
           "symmetric": [m - m // 2, m // 2], "loo": [m - 1]}[scheme]
 

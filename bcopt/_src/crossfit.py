@@ -1,8 +1,8 @@
-"""Cross-fitting (SPEC section 1) for any diagonal preconditioner.
+"""Cross-fitting for any diagonal preconditioner (docs/algorithms.md).
 
 :func:`cross_fit` combines a numerator and an inverted preconditioner built
 from independent microbatch groups, optionally with the variance-corrected
-inverse of SPEC section 2. The caller describes its optimizer by two pure
+inverse. The caller describes its optimizer by two pure
 functions of group means, so the same code serves Adam, Sophia and user
 preconditioners (RMSprop, Adagrad, ...).
 """

@@ -1,4 +1,4 @@
-"""Variance-corrected inversion (SPEC section 2): the one place for its math.
+"""Variance-corrected inversion: the one place for its math.
 
 For a smooth inverse map ``f`` and an estimate ``p`` with variance ``V``,
 ``E f(p) ~= f(E p) + 0.5 f''(p) V``; the corrected inverse subtracts that

@@ -123,7 +123,7 @@ def group_weights(mb: Microbatches, group: str) -> Optional[jax.Array]:
   Args:
     mb: the layout.
     group: ``"all"`` (returns None, meaning no weighting), ``"first"`` (the
-      first ``floor(M / 2)`` global microbatches, group A of SPEC section 1)
+      first ``floor(M / 2)`` global microbatches, group A of the two-fold schemes)
       or ``"second"`` (the rest, group B).
 
   Returns:
@@ -256,7 +256,7 @@ def mean(updates: PyTree, mb: Microbatches, group: str = "all") -> PyTree:
 def microbatch_mean(updates: PyTree, axis_name: Optional[str] = None) -> PyTree:
   """The full-batch mean gradient ``gbar`` of microbatched gradients.
 
-  Use it to update persistent state from the full batch (SPEC section 1)
+  Use it to update persistent state from the full batch
   inside your own bias-corrected transform. Accumulates in float32 (or
   higher) and reduces over ``axis_name`` when given.
 

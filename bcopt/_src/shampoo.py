@@ -409,8 +409,8 @@ def _root_step(tilings, factors, mu, grads, g_bar, mb, *, b1, scheme,
 
   The persistent factors and roots come from the full batch; the update
   uses the roots of the scheme's preconditioner group on the momentum of
-  its numerator group (SPEC section 1's table; tiles whose candidate roots
-  are not finite fall back to the cached roots).
+  its numerator group (the cross-fit table of docs/algorithms.md; tiles
+  whose candidate roots are not finite fall back to the cached roots).
   """
   def candidate(name):
     mean = g_bar if name == "all" else microbatch.mean(grads, mb, name)
@@ -505,8 +505,8 @@ def scale_by_shampoo_bc(
   the cached roots are recomputed from them with the same correction over
   all ``M`` microbatches. Statistics, eigendecompositions and variances are
   computed on root steps only, inside ``jax.lax.cond``; other steps cost two
-  matrix products per tile. The momentum is not bias-corrected (as in
-  SPEC section 5).
+  matrix products per tile. The momentum is not bias-corrected (as in the
+  paper's Shampoo-BC).
 
   Eigendecompositions run in float32 (float64 for float64 parameters) on the
   damped factors, and eigenvalues are floored at :math:`\delta`. If a

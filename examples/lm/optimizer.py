@@ -4,8 +4,8 @@
 called as ``factory(learning_rate, weight_decay=..., mask=...,
 axis_name=..., **kwargs)`` that returns a transform of microbatched
 gradients, its keyword arguments, and whether it takes Sophia's curvature.
-The ``_bc`` entries use the reference settings of SPEC sections 3-5 (with
-each family's headline scheme); the plain entries are the same transforms
+The ``_bc`` entries use the paper's reference settings (with each family's
+headline scheme); the plain entries are the same transforms
 with the bias corrections off. ``--cross-fit``/``--inverse-correction``
 override those two keyword arguments of any entry that has them.
 
