@@ -183,8 +183,9 @@ def scale_by_sophia_bc(
       return jax.tree.map(
           lambda n, i: jnp.clip(n * i, -clip, clip), numerator, inv)
 
+    m_full = numerator_fn(g_bar)   # the full batch's momentum: the new mu
     if curvature is None:
-      direction = clipped(numerator_fn(g_bar), state.inv)
+      direction = clipped(m_full, state.inv)
       h, inv = state.h, state.inv
     else:
       _check_curvature(updates, curvature)
@@ -206,7 +207,7 @@ def scale_by_sophia_bc(
 
     new_state = ScaleBySophiaBCState(
         count=optax.safe_increment(state.count),
-        mu=numerics.update_moment(state.mu, g_bar, b1),
+        mu=optax.tree.cast_like(m_full, state.mu),
         h=h,
         inv=inv,
     )
