@@ -8,11 +8,20 @@ When a transform is built with ``axis_name``, its ``update`` runs inside
 ``M_local`` microbatches, the global count is ``M = M_local * axis_size`` and
 the global index of local microbatch ``j`` is ``axis_index * M_local + j``.
 
+The stacked axis itself may be sharded over devices under ``jit`` (a
+``NamedSharding`` on an Explicit mesh axis, or any Auto mesh set with
+``jax.set_mesh``): see :func:`partitions`. Loops then visit the ``D`` blocks
+of the axis side by side, so each device reads its own microbatches and the
+partitioner adds one collective per sum; no slice of a sharded axis is ever
+taken on its own (that would gather the axis onto every device).
+
 This module is the one place that reduces over microbatches: every sum is a
 local reduction over the leading axis followed by a ``psum`` over the named
 axis, so the stacked and the named-axis computations agree up to rounding.
 """
 
+import functools
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -36,6 +45,7 @@ class Microbatches(NamedTuple):
   local: int  # M_local: microbatches held by this member (leading axis size).
   total: int  # M: microbatches over the whole named axis (M_local * size).
   axis_name: Optional[str]  # named axis reduced with collectives, or None.
+  blocks: int = 1  # D: blocks of the leading axis visited side by side.
 
   def describe(self) -> str:
     if self.axis_name is None:
@@ -98,8 +108,104 @@ def layout(
             " If you hold one mean gradient, give it a leading axis of"
             " size M (or use the corresponding optax transform)."
         )
+  blocks = partitions(leaves_with_path[0][1])
+  for path, leaf in leaves_with_path:
+    if partitions(leaf) != blocks:
+      raise ValueError(
+          f"Gradient leaf {jax.tree_util.keystr(path)} has its microbatch axis"
+          f" sharded as {jax.typeof(leaf)} but the first leaf as"
+          f" {jax.typeof(leaves_with_path[0][1])}; shard the leading axis of"
+          " every leaf the same way."
+      )
   size = 1 if axis_name is None else jax.lax.axis_size(axis_name)
-  return Microbatches(local=m_local, total=m_local * size, axis_name=axis_name)
+  return Microbatches(local=m_local, total=m_local * size,
+                      axis_name=axis_name, blocks=blocks)
+
+
+def partitions(x: jax.Array) -> int:
+  """Blocks ``D`` of ``x``'s leading (microbatch) axis that devices may hold.
+
+  * A leading axis sharded over Explicit mesh axes (visible in
+    ``jax.typeof(x)``): ``D`` is the number of shards.
+  * Otherwise, under an Auto mesh (``jax.set_mesh``) with more than one
+    device, the partitioner may shard the axis any way it likes:
+    ``D = gcd(M_local, devices on the mesh's Auto axes)``.
+  * Otherwise (one device, no mesh, or only Manual axes as inside
+    ``shard_map``) ``D = 1``.
+
+  Loops over microbatches run ``M_local / D`` steps over the ``D`` blocks at
+  once (see :func:`sum_over_microbatches`), so nothing indexes a sharded
+  axis one slice at a time.
+  """
+  m_local = x.shape[0]
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec and spec[0] is not None:
+    axes = (spec[0],) if isinstance(spec[0], str) else spec[0]
+    return math.prod(mesh.shape[a] for a in axes)
+  auto = math.prod(mesh.shape[a] for a in mesh.auto_axes)
+  return math.gcd(m_local, auto)
+
+
+def on_explicit_mesh(update_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """An ``update_fn(updates, state, params=None, **extra)`` that also runs on
+  Explicit meshes.
+
+  With Explicit axes every intermediate's sharding is part of its type, and
+  some a transform needs are illegal there: a parameter dimension sharded
+  over the mesh axis that also shards the microbatch axis (FSDP over the
+  data axis) meets a microbatch slice sharded over it, and Shampoo's factor
+  products of a sharded dimension would be sharded twice. So under a mesh
+  with Explicit axes the body runs under ``jax.sharding.auto_axes`` (the
+  partitioner chooses the intermediates' shardings, as on an Auto mesh) and
+  its outputs get the types an Explicit user expects: updates sharded like
+  ``params`` (like the gradients without their microbatch axis when
+  ``params`` is None), the state like the state it came from. Elsewhere it
+  is ``update_fn`` itself.
+  """
+
+  @functools.wraps(update_fn)
+  def wrapped(updates, state, params=None, **extra_args):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.explicit_axes:
+      return update_fn(updates, state, params, **extra_args)
+
+    def sharding(x, drop_leading=False):
+      named = jax.typeof(x).sharding
+      if named.mesh.empty:  # not placed on the mesh: replicated over it
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      spec = tuple(named.spec) + (None,) * (jnp.ndim(x) - len(named.spec))
+      return named.update(spec=jax.sharding.PartitionSpec(
+          *spec[int(drop_leading):]))
+
+    out_updates = (jax.tree.map(sharding, params) if params is not None else
+                   jax.tree.map(lambda g: sharding(g, True), updates))
+    out_sharding = (out_updates, jax.tree.map(sharding, state))
+    body = lambda u, s, p, extra: update_fn(u, s, p, **extra)
+    return jax.sharding.auto_axes(body, out_sharding=out_sharding)(
+        updates, state, params, extra_args)
+
+  return wrapped
+
+
+def _blocks(tree: PyTree, d: int) -> PyTree:
+  """``(M_local, ...)`` leaves as ``(D, M_local / D, ...)`` blocks."""
+  return jax.tree.map(
+      lambda x: x.reshape((d, x.shape[0] // d) + x.shape[1:]), tree)
+
+
+def _visit(stacked: PyTree, d: int, j) -> PyTree:
+  """Local microbatch ``j`` of a stacked tree (``d = 1``), or the ``j``-th of
+  every block, stacked along a leading block axis (``d > 1``)."""
+  if d == 1:
+    return jax.tree.map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, j, keepdims=False), stacked)
+  return jax.tree.map(
+      lambda x: jax.lax.dynamic_index_in_dim(x, j, axis=1, keepdims=False),
+      stacked)
 
 
 def psum(tree: PyTree, axis_name: Optional[str]) -> PyTree:
@@ -148,10 +254,11 @@ def group_size(mb: Microbatches, group: str) -> int:
 class Group(NamedTuple):
   """The microbatches of one group, as the code that visits them sees them.
 
-  On a stacked axis (no ``axis_name``) a group is a static range of the
-  leading axis with a layout of its own and the weighting ``"all"``, so work
-  on it touches only its members. On a named axis membership depends on the
-  member: every local microbatch is visited and the group stays a 0/1
+  On an unsharded stacked axis (no ``axis_name``, one block) a group is a
+  static range of the leading axis with a layout of its own and the
+  weighting ``"all"``, so work on it touches only its members. On a named
+  axis membership depends on the member, and a sharded axis must not be
+  sliced: every local microbatch is visited and the group stays a 0/1
   weighting (:func:`group_weights`) of the full layout.
   """
 
@@ -184,7 +291,7 @@ def group(mb: Microbatches, name: str) -> Group:
   ``"first"`` is the first ``floor(M / 2)`` global microbatches (group A of
   the two-fold schemes), ``"second"`` the rest (group B).
   """
-  if mb.axis_name is not None or name == "all":
+  if mb.axis_name is not None or mb.blocks > 1 or name == "all":
     return Group(None, mb, name)
   half = mb.total // 2
   members = slice(0, half) if name == "first" else slice(half, mb.total)
@@ -202,11 +309,17 @@ def sum_over_microbatches(
 
   ``fn`` maps the per-microbatch slices of ``stacked`` (trees whose leaves
   carry the leading microbatch axis) to a tree. The local sum is an unrolled
-  ``lax.fori_loop`` (see :mod:`bcopt._src.fusion`), so XLA fuses the elementwise
-  work of all terms into one pass without materialising per-microbatch
-  results; the local sums are then combined with ``psum`` over
-  ``axis_name``. The loop starts from the first term, which keeps the carry's
-  varying-ness right under ``shard_map``.
+  ``lax.fori_loop`` (see :mod:`bcopt._src.fusion`), so XLA fuses the
+  elementwise work of all terms into one pass without materialising
+  per-microbatch results; the local sums are then combined with ``psum``
+  over ``axis_name``. The loop starts from the first term, which keeps the
+  carry's varying-ness right under ``shard_map``.
+
+  When the leading axis may be sharded (:func:`partitions` gives ``D > 1``)
+  the loop runs over the ``M_local / D`` positions within the blocks, with
+  ``fn`` vectorised over the ``D`` blocks, and ends with a sum over blocks:
+  each device reads only its own microbatches, and the partitioner turns
+  that sum into a local sum plus an all-reduce.
 
   Args:
     fn: per-microbatch function of one slice of each stacked tree.
@@ -217,19 +330,60 @@ def sum_over_microbatches(
   Returns:
     The sum, shaped like one output of ``fn``.
   """
-  m_local = jax.tree.leaves(stacked)[0].shape[0]
+  first = jax.tree.leaves(stacked)[0]
+  d = partitions(first)
+  steps = first.shape[0] // d
+  if d > 1:
+    stacked = _blocks(stacked, d)
+    fn = jax.vmap(fn)
+    if weights is not None:
+      weights = weights.reshape(d, steps)
 
   def term(j):
-    out = fn(*jax.tree.map(
-        lambda x: jax.lax.dynamic_index_in_dim(x, j, keepdims=False), stacked))
+    out = fn(*_visit(stacked, d, j))
     if weights is None:
       return out
-    return jax.tree.map(lambda o: o * weights[j].astype(o.dtype), out)
+    w = weights[j] if d == 1 else weights[:, j]
+    return jax.tree.map(
+        lambda o: o * jnp.reshape(w, w.shape + (1,) * (o.ndim - w.ndim)
+                                  ).astype(o.dtype), out)
 
   total = jax.lax.fori_loop(
-      1, m_local, lambda j, acc: jax.tree.map(jnp.add, acc, term(j)), term(0),
-      unroll=fusion.microbatch_loop_unroll(m_local))
+      1, steps, lambda j, acc: jax.tree.map(jnp.add, acc, term(j)), term(0),
+      unroll=fusion.microbatch_loop_unroll(steps))
+  if d > 1:
+    total = jax.tree.map(lambda t: jnp.sum(t, axis=0), total)
   return psum(total, axis_name)
+
+
+def map_over_microbatches(fn: Callable[[PyTree], PyTree], stacked: PyTree,
+                          group: "Group") -> PyTree:
+  """``fn`` of each visited microbatch of ``group``, stacked in order.
+
+  A rolled loop (``lax.map``): a device holds one microbatch's temporaries
+  at a time, so scratch memory does not grow with M. ``stacked`` has the
+  parent layout (``group.layout`` describes the visited microbatches); on a
+  possibly sharded axis every block advances together, as in
+  :func:`sum_over_microbatches`.
+
+  Args:
+    fn: a function of one microbatch's slice of ``stacked``.
+    stacked: a tree with the leading microbatch axis of the parent layout.
+    group: the :class:`Group` whose microbatches are visited.
+
+  Returns:
+    A tree of ``fn``'s outputs with a leading axis over the visited
+    microbatches.
+  """
+  first = jax.tree.leaves(stacked)[0]
+  d = partitions(first)
+  if d == 1:
+    return jax.lax.map(lambda j: fn(_visit(stacked, 1, j)), group.indices())
+  blocks = _blocks(stacked, d)
+  out = jax.lax.map(lambda j: jax.vmap(fn)(_visit(blocks, d, j)),
+                    jnp.arange(first.shape[0] // d))  # (M_local / D, D, ...)
+  return jax.tree.map(
+      lambda o: jnp.swapaxes(o, 0, 1).reshape((-1,) + o.shape[2:]), out)
 
 
 def mean(updates: PyTree, mb: Microbatches, group: str = "all") -> PyTree:

@@ -43,14 +43,13 @@ def moment_dtype(param_dtype, dtype=None) -> jnp.dtype:
 
 
 def zeros_moment(params: PyTree, dtype=None) -> PyTree:
-  """Zeros shaped like ``params`` in :func:`moment_dtype`.
+  """Zeros shaped (and sharded) like ``params`` in :func:`moment_dtype`.
 
   Works on arrays and on ``jax.ShapeDtypeStruct`` leaves.
   """
   return jax.tree.map(
-      lambda p: jnp.zeros(jnp.shape(p),
-                          moment_dtype(jnp.result_type(p), dtype)),
-      params)
+      lambda p: jnp.zeros_like(
+          p, dtype=moment_dtype(jnp.result_type(p), dtype)), params)
 
 
 def update_moment(moment: PyTree, value: PyTree,

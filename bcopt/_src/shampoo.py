@@ -304,16 +304,15 @@ def _eigenvalue_variance(tilings, eigen, spectra, grads, mb, group_name, *,
       lambda t, e, z: e.values - (1 - b2) * _projected_norms(z),
       tilings, eigen, z_means)
 
-  def estimates(j):
+  def estimates(g_j):
     """Microbatch j's eigenvalue estimates in the fixed eigenbases."""
     def leaf(t, g, e, z_mean, base):
-      g_j = jax.lax.dynamic_index_in_dim(g, j, keepdims=False).astype(
-          z_mean.dtype)
-      z = _project(e.left_vectors, _to_tiles(g_j, t), e.right_vectors)
+      z = _project(e.left_vectors, _to_tiles(g.astype(z_mean.dtype), t),
+                   e.right_vectors)
       if loo:  # Q_L^T Gbar_(-j) Q_R
         z = (n * z_mean - z) * (1.0 / (n - 1))
       return jnp.maximum(base + (1 - b2) * _projected_norms(z), damping)
-    return jax.tree.map(leaf, tilings, grads, eigen, z_means, bases)
+    return jax.tree.map(leaf, tilings, g_j, eigen, z_means, bases)
 
   # A rolled loop: one microbatch's tile buffers at a time, so the scratch
   # memory does not grow with M (an unrolled loop lets XLA run the
@@ -321,7 +320,7 @@ def _eigenvalue_variance(tilings, eigen, spectra, grads, mb, group_name, *,
   # each). Only the (M, n, t1 + t2) estimates are stacked; their spread,
   # group-weighted and summed over the named axis, comes from the shared
   # code (the samples are the denominators themselves).
-  samples = jax.lax.map(estimates, group.indices())
+  samples = microbatch.map_over_microbatches(estimates, grads, group)
   spread = crossfit.denominator_spread(
       lambda values: values, samples, spectra, group.layout, group.name,
       loo=False)
@@ -670,7 +669,7 @@ def scale_by_shampoo_bc(
     )
     return optax.tree.cast_like(directions, updates), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, microbatch.on_explicit_mesh(update_fn))
 
 
 def shampoo_bc(

@@ -213,7 +213,7 @@ def scale_by_sophia_bc(
     )
     return optax.tree.cast_like(direction, updates), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, microbatch.on_explicit_mesh(update_fn))
 
 
 def sophia_bc(

@@ -129,7 +129,9 @@ def apply_if_finite(
       return inner.update(updates, state.inner_state, params, **extra_args)
 
     def reject_update(_):
-      zeros = jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), updates)
+      # Zeros of the inner update's type (shape, dtype and, on an Explicit
+      # mesh, sharding): param-shaped, not shaped like the microbatched input.
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(do_update, None)[0])
       return zeros, state.inner_state
 
     new_updates, new_inner_state = jax.lax.cond(
