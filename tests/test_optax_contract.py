@@ -1,0 +1,243 @@
+"""optax's contract for optimizers, adapted to microbatched gradients.
+
+Mirrors optax's own matrix for contributed optimizers
+(``optax/contrib/_common_test.py``) and its sharding tests
+(``optax/_src/sharding_test.py``), run over every public optimizer, every
+cross-fit scheme and every inverse correction, and (where optax wraps its
+optimizers) over bcopt's wrappers. Gradients are microbatched: every leaf
+carries a leading axis of ``M`` microbatch gradients, each the true gradient
+of the target plus zero-mean noise. Sophia-BC gets ``curvature=`` (the
+absolute value of a Hutchinson estimate per microbatch) where optax's Sophia
+gets ``obj_fn``.
+
+1. ``update`` accepts keyword arguments it does not expect (optax chains
+   forward every extra argument to every member), and a jitted step does not
+   trace again on its second call.
+2. ``optax.tree.map_params`` maps the state, and the optimizer converges on
+   optax's parabola, Rosenbrock, matrix and mixed (tuple) targets.
+3. ``optax.inject_hyperparams`` gives the plain optimizer's updates and state.
+4. Updates keep the parameters' dtype (bfloat16 and float32), moments are
+   float32 by default, and the state's types do not change in an update.
+5. ``init`` works on ``jax.ShapeDtypeStruct`` parameters and gives the
+   shapes and dtypes of the concrete ``init``.
+6. On an Explicit mesh the state's sharding types (``jax.typeof``) are the
+   same after ``init`` and ``update``, with and without ``jit``, for
+   replicated and for sharded parameters.
+
+Expected values are the targets' known minima and exact identities (the
+plain optimizer's values, concrete ``init``'s shapes, types before the
+update), never the code under test in another configuration of itself.
+Speed: the convergence runs are one ``lax.scan`` each; every scheme and
+estimator runs on the mixed target (a vector and a matrix in a tuple), and
+each family's default configuration on all four targets.
+"""
+
+import functools
+import inspect
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bcopt
+
+M = 4  # microbatches per step (two groups of two for the two-fold schemes)
+NOISE = 0.5  # standard deviation of each microbatch's gradient noise
+
+FACTORIES = {"adamw_bc": bcopt.adamw_bc, "sophia_bc": bcopt.sophia_bc,
+             "shampoo_bc": bcopt.shampoo_bc}
+SCHEMES = {"adamw_bc": (None, "twofold", "symmetric", "loo"),
+           "sophia_bc": (None, "twofold", "symmetric", "loo"),
+           "shampoo_bc": (None, "twofold", "symmetric")}
+DEFAULT_SCHEME = {"adamw_bc": "loo", "sophia_bc": "loo",
+                  "shampoo_bc": "twofold"}
+# Hyperparameters of the contract runs (lr: peak of a cosine decay in the
+# convergence runs, the constant rate elsewhere). Shampoo computes roots every
+# 4 steps, so root and cached steps both occur.
+KWARGS = {
+    "adamw_bc": dict(learning_rate=0.1, weight_decay=1e-4),
+    "sophia_bc": dict(learning_rate=0.1, weight_decay=1e-4, rho=0.02),
+    "shampoo_bc": dict(learning_rate=0.1, weight_decay=1e-4,
+                       precondition_every=4),
+}
+# Structural integers that set shapes or the period of the root steps: static
+# under inject_hyperparams, like optax's ``ns_steps`` or ``update_proj_gap``.
+STATIC_HPARAMS = ("block_size", "precondition_every")
+
+
+def _configs():
+  """(family, cross_fit, inverse_correction): every scheme with the default
+  estimator, and every estimator with the family's default scheme."""
+  out = []
+  for family, schemes in SCHEMES.items():
+    out += [(family, scheme, "jackknife") for scheme in schemes]
+    out += [(family, DEFAULT_SCHEME[family], estimator)
+            for estimator in (None, "paper")]
+  return out
+
+
+CONFIGS = _configs()
+DEFAULTS = [(f, DEFAULT_SCHEME[f], "jackknife") for f in FACTORIES]
+
+
+def _id(config):
+  return "-".join(str(c) for c in config)
+
+
+def _optimizer(family, scheme, estimator, **overrides):
+  kwargs = dict(KWARGS[family], cross_fit=scheme,
+                inverse_correction=estimator)
+  kwargs.update(overrides)
+  return FACTORIES[family](**kwargs)
+
+
+def _wrap(opt):
+  """bcopt's wrappers around an optimizer: clipping, skipping, averaging."""
+  return optax.chain(
+      bcopt.apply_if_finite(
+          optax.chain(bcopt.clip_by_global_norm(1e3), opt), 3),
+      bcopt.bema())
+
+
+# Targets: optax/contrib/_common_test.py's, with their known minima.
+
+
+def _parabola(dtype):
+  final = jnp.array([1.0, -1.0, 1.0], dtype)
+  return (jnp.array([-1.0, 10.0, 1.0], dtype), final,
+          lambda p: jnp.sum(jnp.square(p - final)))
+
+
+def _rosenbrock(dtype):
+  a, b = 1.0, 100.0
+  return (jnp.zeros(2, dtype), jnp.array([a, a**2], dtype),
+          lambda p: jnp.square(a - p[0]) + b * jnp.square(p[1] - p[0]**2))
+
+
+def _matrix_parabola(dtype):
+  final = jnp.array([[3.0, -2.0], [1.0, 4.0]], dtype)
+  return (jnp.zeros((2, 2), dtype), final,
+          lambda p: jnp.sum(jnp.square(p - final)))
+
+
+def _mixed_tensor_target(dtype):
+  final = (jnp.array([1.0, -1.0, 2.0], dtype),
+           jnp.array([[1.0, 0.0], [-1.0, 1.0]], dtype))
+
+  def obj_fn(params):
+    return sum(jnp.sum(jnp.square(p - f)) for p, f in zip(params, final))
+
+  return (jnp.zeros(3, dtype), jnp.zeros((2, 2), dtype)), final, obj_fn
+
+
+TARGETS = {"parabola": _parabola, "rosenbrock": _rosenbrock,
+           "matrix": _matrix_parabola, "mixed": _mixed_tensor_target}
+
+
+def _noise(params, steps, seed=0):
+  """Per step and leaf: ``M`` gradient noises (normal, standard deviation
+  ``NOISE``) and ``M`` Rademacher probes, drawn by numpy (outside the compiled
+  code: sampling inside it costs more compile time than the optimizer)."""
+  rng = np.random.default_rng(seed)
+  def draw(p, probe):
+    shape = (steps, M) + jnp.shape(p)
+    if probe:
+      return jnp.asarray(rng.choice([-1.0, 1.0], size=shape), jnp.float32)
+    return jnp.asarray(NOISE * rng.normal(size=shape), jnp.float32)
+  return (jax.tree.map(lambda p: draw(p, False), params),
+          jax.tree.map(lambda p: draw(p, True), params))
+
+
+def _microbatched_grads(obj_fn, params, noise):
+  """``M`` microbatch gradients: the true gradient plus zero-mean noise."""
+  return jax.tree.map(lambda g, n: g + n.astype(g.dtype),
+                      jax.grad(obj_fn)(params), noise)
+
+
+def _curvature(obj_fn, params, probes):
+  """Sophia's ``M`` microbatch curvature estimates: ``|z * (H z)|``, the
+  absolute value of Hutchinson's estimate (bcopt.hutchinson_diag's formula)
+  with the given Rademacher probes ``z``."""
+  def one(z):
+    _, hz = jax.jvp(jax.grad(obj_fn), (params,), (z,))
+    return jax.tree.map(lambda a, b: jnp.abs(a * b), z, hz)
+  return jax.vmap(one)(probes)
+
+
+# 1-2. Extra arguments, no second trace, map_params, convergence.
+#
+# optax's test_optimizers_accept_extra_args and test_optimizers in one run
+# per configuration, because compiling dominates the cost: the four targets
+# are separable, so one optimizer on the tuple of their parameters is the
+# four runs side by side (every bcopt transform is per-leaf except the
+# global-norm clip, which the wrapped runs keep inactive).
+
+
+def _run(opt, family, steps, chunks=2):
+  """Optimizes the tuple of all targets; returns (params, minima, state)."""
+  targets = [TARGETS[name](jnp.float32) for name in TARGETS]
+  initial = tuple(t[0] for t in targets)
+  final = tuple(t[1] for t in targets)
+
+  def obj_fn(params):
+    return sum(t[2](p) for t, p in zip(targets, params))
+
+  def step(carry, xs):
+    params, state = carry
+    t, noise, probes = xs
+    grads = _microbatched_grads(obj_fn, params, noise)
+    extra = {"unexpected_extra_args_your_optimizer_doesnt_expect": 1}
+    if family == "sophia_bc":  # refresh the curvature every other step
+      updates, state = jax.lax.cond(
+          t % 2 == 0,
+          lambda: opt.update(grads, state, params, **extra,
+                             curvature=_curvature(obj_fn, params, probes)),
+          lambda: opt.update(grads, state, params, **extra))
+    else:
+      updates, state = opt.update(grads, state, params, **extra)
+    return (optax.apply_updates(params, updates), state), None
+
+  chex.clear_trace_counter()  # chex counts per code object, across tests
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)  # the second call must not trace again
+  def run(carry, xs):
+    return jax.lax.scan(step, carry, xs)[0]
+
+  state = opt.init(initial)
+  # A no-op change, to verify that map_params works (as optax's test).
+  state = optax.tree.map_params(opt, lambda v: v, state)
+  carry = (initial, state)
+  xs = (jnp.arange(steps),) + _noise(initial, steps)
+  for chunk in range(chunks):
+    carry = run(carry, jax.tree.map(
+        lambda x: np.split(x, chunks)[chunk], xs))
+  return carry[0], final, carry[1]
+
+
+STEPS = 2000
+
+
+def _check_run(config, wrap=False):
+  family = config[0]
+  lr = optax.cosine_decay_schedule(KWARGS[family]["learning_rate"], STEPS)
+  opt = _optimizer(*config, learning_rate=lr)
+  if wrap:
+    opt = _wrap(opt)
+  params, final, _ = _run(opt, family, STEPS)
+  for name, p, f in zip(TARGETS, params, final):
+    chex.assert_trees_all_close(p, f, rtol=0.0, atol=5e-2,
+                                custom_message=f"target {name}")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+def test_extra_args_one_trace_map_params_and_convergence(config):
+  _check_run(config)
+
+
+@pytest.mark.parametrize("config", DEFAULTS, ids=_id)
+def test_wrapped_optimizers(config):
+  _check_run(config, wrap=True)
