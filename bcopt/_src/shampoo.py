@@ -123,8 +123,21 @@ def _eligible(tree: PyTree, tilings: PyTree) -> PyTree:
                       tilings)
 
 
+def _explicit_spec(x: jax.Array) -> Optional[jax.sharding.PartitionSpec]:
+  """``x``'s partition spec if it is sharded over Explicit mesh axes."""
+  spec = jax.typeof(x).sharding.spec
+  return None if all(s is None for s in spec) else spec
+
+
 def _to_tiles(x: jax.Array, t: _Tiling) -> jax.Array:
-  """Param-shaped ``x`` -> ``(n1 n2, t1, t2)`` tiles (zero-padded)."""
+  """Param-shaped ``x`` -> ``(n1 n2, t1, t2)`` tiles (zero-padded).
+
+  A parameter sharded over Explicit mesh axes is replicated first: a tile's
+  factors mix all its rows and columns, and merging or splitting a sharded
+  dimension has no sharding type.
+  """
+  if _explicit_spec(x) is not None:
+    x = jax.sharding.reshard(x, jax.P())
   x = x.reshape(t.rows, t.cols)
   pad_rows = t.row_tiles * t.row_size - t.rows
   pad_cols = t.col_tiles * t.col_size - t.cols
@@ -637,6 +650,11 @@ def scale_by_shampoo_bc(
       shampoo_u = _graft(shampoo_u, _to_tiles(adam_u, tiling), tiling)
     return _from_tiles(shampoo_u, tiling)
 
+  def sharded_like(u, g):
+    """``u`` (from replicated tiles) in the sharding of its gradient."""
+    spec = _explicit_spec(g)
+    return u if spec is None else jax.sharding.reshard(u, jax.P(*spec[1:]))
+
   def update_fn(updates, state, params=None):
     mb = microbatch.layout(updates, axis_name, params)
     crossfit.check_microbatch_count(mb, cross_fit, inverse_correction)
@@ -658,8 +676,8 @@ def scale_by_shampoo_bc(
                             b1=b1, scheme=cross_fit, **roots_kwargs),
           functools.partial(_cached_step, tilings, factors, mu, mean, b1=b1))
     directions = jax.tree.map(
-        lambda g, t, a, s: direction(t, a, s), updates, tilings, adam_u,
-        shampoo_u)
+        lambda g, t, a, s: sharded_like(direction(t, a, s), g), updates,
+        tilings, adam_u, shampoo_u)
     new_state = ScaleByShampooBCState(
         count=count,
         mu=numerics.update_moment(state.mu, g_bar, b1),
