@@ -241,3 +241,175 @@ def test_extra_args_one_trace_map_params_and_convergence(config):
 @pytest.mark.parametrize("config", DEFAULTS, ids=_id)
 def test_wrapped_optimizers(config):
   _check_run(config, wrap=True)
+
+
+# 3. inject_hyperparams.
+
+
+def _inject_data(steps=2):
+  """optax's inject test tree (a list of a matrix and a rank-3 array), with
+  ``M`` random microbatch gradients and positive curvatures per step (leaves
+  ``(steps, M) + shape``)."""
+  params = [-jnp.ones((2, 3)), jnp.ones((2, 5, 2))]
+  rng = np.random.default_rng(1)
+  def draw(p):
+    return jnp.asarray(rng.normal(size=(steps, M) + p.shape) + 0.5,
+                       jnp.float32)
+  return (params, jax.tree.map(draw, params),
+          jax.tree.map(lambda p: jnp.abs(draw(p)), params))
+
+
+# Dyadic hyperparameters: exact in float32, and so are their complements
+# (1 - b), so Python floats and injected float32 arrays give the same values.
+INJECT_KWARGS = {
+    "adamw_bc": dict(learning_rate=2**-4, b1=1 - 2**-3, b2=1 - 2**-9,
+                     eps=2**-20, weight_decay=2**-10),
+    "sophia_bc": dict(learning_rate=2**-4, b1=1 - 2**-3, b2=1 - 2**-4,
+                      rho=2**-5, eps=2**-30, clip=1.0, weight_decay=2**-10),
+    "shampoo_bc": dict(learning_rate=2**-4, b1=1 - 2**-3, b2=1 - 2**-4,
+                       damping=2**-10, weight_decay=2**-10,
+                       precondition_every=2, fallback_b2=1 - 2**-9,
+                       fallback_eps=2**-20),
+}
+
+
+# Shampoo's compiles cost seconds (eigendecompositions in both branches of its
+# root-step cond); its schemes and estimators share the code that reads the
+# hyperparameters, so the default one stands for them here.
+INJECT_CONFIGS = [c for c in CONFIGS
+                  if c[0] != "shampoo_bc" or c in DEFAULTS]
+
+
+@pytest.mark.parametrize("config", INJECT_CONFIGS, ids=_id)
+def test_inject_hyperparams_gives_the_same_updates_and_state(config):
+  family, scheme, estimator = config
+  factory = FACTORIES[family]
+  hparams = dict(INJECT_KWARGS[family], cross_fit=scheme,
+                 inverse_correction=estimator)
+  static = [name for name in STATIC_HPARAMS
+            if name in inspect.signature(factory).parameters]
+  opt = factory(**hparams)
+  opt_inject = optax.inject_hyperparams(factory, static_args=static)(**hparams)
+  params, grads, curvatures = _inject_data()
+
+  def run(tx):  # a root step, then a cached one
+    def step(state, xs):
+      t, g, c = xs
+      if family == "sophia_bc":
+        return jax.lax.cond(
+            t == 0, lambda: tx.update(g, state, params, curvature=c)[::-1],
+            lambda: tx.update(g, state, params)[::-1])
+      return tx.update(g, state, params)[::-1]
+    return jax.lax.scan(step, tx.init(params),
+                        (jnp.arange(2), grads, curvatures))[::-1]
+
+  (updates, state), (updates_inject, state_inject) = jax.jit(
+      lambda: (run(opt), run(opt_inject)))()
+  chex.assert_trees_all_equal(updates_inject, updates)
+  chex.assert_trees_all_equal(state_inject.inner_state, state)
+
+
+# 4. Dtypes.
+
+
+def _small_update(opt, family, params, grads):
+  kwargs = {"curvature": jax.tree.map(jnp.abs, grads)} if (
+      family == "sophia_bc") else {}
+  return opt.update(grads, opt.init(params), params, **kwargs)
+
+
+@pytest.mark.parametrize("config", DEFAULTS, ids=_id)
+def test_preserve_dtype(config):
+  """Updates in the parameters' dtype, moments in float32 (the documented
+  default, also for bfloat16 parameters), and the state's types unchanged
+  by an update (optax's test_preserve_dtype and
+  test_state_shape_dtype_shard_stability)."""
+  family = config[0]
+  opt = _optimizer(*config)
+  rng = np.random.default_rng(2)
+  shapes = {"v": (3,), "w": (3, 2)}
+
+  def case(dtype):
+    params = {k: jnp.asarray(rng.normal(size=s), dtype)
+              for k, s in shapes.items()}
+    grads = {k: jnp.asarray(rng.normal(size=(M,) + s), dtype)
+             for k, s in shapes.items()}
+    return params, grads
+
+  cases = {name: case(jnp.dtype(name)) for name in ("bfloat16", "float32")}
+  results = jax.jit(lambda c: {
+      d: (opt.init(p),) + _small_update(opt, family, p, g)
+      for d, (p, g) in c.items()})(cases)
+  for dtype, (state0, updates, state1) in results.items():
+    chex.assert_trees_all_equal_dtypes(updates, cases[dtype][0])
+    assert jax.tree.map(jax.typeof, state1) == jax.tree.map(
+        jax.typeof, state0)
+    inner = state0[0]  # the bcopt block's state, ahead of optax's
+    assert inner.count.dtype == jnp.int32
+    for name, field in inner._asdict().items():
+      if name != "count":
+        for leaf in jax.tree.leaves(field):
+          assert leaf.dtype == jnp.float32, (dtype, name, leaf.dtype)
+
+
+# 5. Abstract init.
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "wrapped"])
+@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+def test_init_with_abstract_input(config, wrap):
+  opt = _optimizer(*config)
+  if wrap:
+    opt = _wrap(opt)
+  params = {"b": jnp.zeros(8, jnp.bfloat16), "w": jnp.zeros((2, 4, 8))}
+  abstract = jax.tree.map(
+      lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+  # The averagers' state starts as a copy of the parameters' values, so an
+  # abstract init of a chain holding one is jax.eval_shape's.
+  init = jax.eval_shape if wrap else lambda f, x: f(x)
+  state = init(opt.init, abstract)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state, opt.init(params))
+
+
+# 6. Sharding types on an Explicit mesh.
+#
+# optax/_src/sharding_test.py's checks, with microbatched gradients. The
+# microbatch axis of the gradients is laid out by ``microbatch_spec``: None
+# (unsharded) here; a mesh axis name is the sharded-microbatch case.
+
+
+def _explicit_mesh():
+  return jax.make_mesh((8,), ("x",),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+@pytest.mark.parametrize("microbatch_spec", [None])
+@pytest.mark.parametrize("param_spec", [jax.P(), jax.P(None, "x")],
+                         ids=["replicated", "sharded"])
+@pytest.mark.parametrize("config", DEFAULTS, ids=_id)
+def test_state_sharding_types(config, param_spec, microbatch_spec):
+  family = config[0]
+  opt = _optimizer(*config)
+  mesh = _explicit_mesh()
+  rng = np.random.default_rng(3)
+  shape = (2, 8, 4)
+  with jax.set_mesh(mesh):
+    params = jax.device_put(
+        jnp.asarray(rng.normal(size=shape), jnp.float32),
+        jax.NamedSharding(mesh, param_spec))
+    grads = jax.device_put(
+        jnp.asarray(rng.normal(size=(M,) + shape), jnp.float32),
+        jax.NamedSharding(mesh, jax.P(microbatch_spec, *param_spec)))
+    kwargs = {"curvature": jnp.abs(grads)} if family == "sophia_bc" else {}
+
+    state0 = opt.init(params)
+    state1 = jax.jit(opt.init)(params)
+    _, state2 = opt.update(grads, state0, params, **kwargs)
+    updates, state3 = jax.jit(
+        lambda g, s, p, kw: opt.update(g, s, p, **kw))(
+            grads, state0, params, kwargs)
+    types = [jax.tree.map(jax.typeof, s)
+             for s in (state0, state1, state2, state3)]
+  for t in types[1:]:
+    chex.assert_trees_all_equal(t, types[0])
+  assert jax.typeof(updates) == jax.typeof(params)
