@@ -304,6 +304,15 @@ def test_inject_hyperparams_gives_the_same_updates_and_state(config):
   chex.assert_trees_all_equal(state_inject.inner_state, state)
 
 
+def test_inject_hyperparams_names_the_static_integers():
+  """Shampoo's shape-setting integers cannot be traced: the error says to
+  pass them in ``static_args`` (the check runs at trace time, under jit)."""
+  params = {"w": jnp.zeros((3, 2))}
+  opt = optax.inject_hyperparams(bcopt.shampoo_bc)(learning_rate=0.1)
+  with pytest.raises(ValueError, match="static_args"):
+    jax.jit(opt.init)(params)
+
+
 # 4. Dtypes.
 
 
