@@ -22,7 +22,8 @@ gets ``obj_fn``.
    shapes and dtypes of the concrete ``init``.
 6. On an Explicit mesh the state's sharding types (``jax.typeof``) are the
    same after ``init`` and ``update``, with and without ``jit``, for
-   replicated and for sharded parameters.
+   replicated and for sharded parameters, and updates have the parameters'
+   types.
 
 Expected values are the targets' known minima and exact identities (the
 plain optimizer's values, concrete ``init``'s shapes, types before the
@@ -377,13 +378,14 @@ def test_init_with_abstract_input(config, wrap):
 
 # 6. Sharding types on an Explicit mesh.
 #
-# optax/_src/sharding_test.py's checks, with microbatched gradients. One
-# tree holds a replicated parameter and one sharded over the mesh axis (as
-# optax's, on its second dimension). The microbatch axis of the gradients is
-# laid out by ``microbatch_spec``: None (unsharded) here; a mesh axis name
-# is the sharded-microbatch case.
+# optax/_src/sharding_test.py's checks, with microbatched gradients, on a
+# mesh of 2 x 4 devices: "model" shards parameters, "data" is there for the
+# microbatch axis. One tree holds a replicated parameter and one sharded over
+# "model" (on its second dimension, as optax's). The microbatch axis of the
+# gradients is laid out by ``microbatch_spec``: None (unsharded) here; a mesh
+# axis name is the sharded-microbatch case.
 
-PARAM_SPECS = {"replicated": jax.P(), "sharded": jax.P(None, "x")}
+PARAM_SPECS = {"replicated": jax.P(), "sharded": jax.P(None, "model")}
 
 
 @pytest.mark.parametrize("microbatch_spec", [None])
@@ -391,8 +393,8 @@ PARAM_SPECS = {"replicated": jax.P(), "sharded": jax.P(None, "x")}
 def test_state_sharding_types(config, microbatch_spec):
   family = config[0]
   opt = _optimizer(*config)
-  mesh = jax.make_mesh((8,), ("x",),
-                       axis_types=(jax.sharding.AxisType.Explicit,))
+  mesh = jax.make_mesh((2, 4), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
   rng = np.random.default_rng(3)
   shape = (2, 8, 4)
 
@@ -410,14 +412,15 @@ def test_state_sharding_types(config, microbatch_spec):
 
     state0 = opt.init(params)
     state1 = jax.jit(opt.init)(params)
-    _, state2 = opt.update(grads, state0, params, **kwargs)
-    updates, state3 = jax.jit(
+    updates2, state2 = opt.update(grads, state0, params, **kwargs)
+    updates3, state3 = jax.jit(
         lambda g, s, p, kw: opt.update(g, s, p, **kw))(
             grads, state0, params, kwargs)
     types = [jax.tree.map(jax.typeof, s)
              for s in (state0, state1, state2, state3)]
-  assert "x" in jax.typeof(params["sharded"]).sharding.spec
+  assert "model" in jax.typeof(params["sharded"]).sharding.spec
   for t in types[1:]:
     chex.assert_trees_all_equal(t, types[0])
-  assert jax.tree.map(jax.typeof, updates) == jax.tree.map(jax.typeof,
-                                                          params)
+  for updates in (updates2, updates3):
+    assert jax.tree.map(jax.typeof, updates) == jax.tree.map(jax.typeof,
+                                                            params)
