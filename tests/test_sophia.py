@@ -270,6 +270,18 @@ class TestBadInput:
       tx.update(g, tx.init(params), params,
                 curvature={"w": jnp.ones((2, 3)), "b": jnp.ones((2, 2))})
 
+  def test_curvature_of_tuple_params(self):
+    """A tuple of parameters is not taken for a (gradient, curvature) pair:
+    matching curvature is accepted, a mismatched leaf is named."""
+    tx = bcopt.scale_by_sophia_bc()
+    params = (jnp.zeros(3), jnp.zeros((2, 2)))
+    g = (jnp.ones((4, 3)), jnp.ones((4, 2, 2)))
+    u, _ = tx.update(g, tx.init(params), params, curvature=g)
+    chex.assert_trees_all_equal_shapes(u, params)
+    with pytest.raises(ValueError, match=r"curvature leaf \[1\]"):
+      tx.update(g, tx.init(params), params,
+                curvature=(g[0], jnp.ones((4, 2, 3))))
+
   def test_too_few_microbatches(self):
     tx = bcopt.scale_by_sophia_bc(cross_fit="loo")
     params = {"w": jnp.zeros(3)}

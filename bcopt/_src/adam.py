@@ -164,7 +164,8 @@ def scale_by_adam_bc(
     )
     return optax.tree.cast_like(direction, updates), new_state
 
-  return optax.GradientTransformation(init_fn, microbatch.on_explicit_mesh(update_fn))
+  return optax.GradientTransformation(
+      init_fn, microbatch.on_explicit_mesh(update_fn))
 
 
 def adamw_bc(

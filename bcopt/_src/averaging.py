@@ -39,28 +39,24 @@ class EMAState(NamedTuple):
   #                        dtype (what bema_params returns).
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
 def _check_hyperparams(powers, lag, multiplier, burn_in, update_every):
   """Construction-time checks (skipped for traced values, e.g. injected)."""
   for name, value in powers.items():
-    if _is_concrete(value) and not value >= 0:
+    if numerics.is_concrete(value) and not value >= 0:
       raise ValueError(
           f"{name} must be a non-negative number, got {value!r}.")
-  if _is_concrete(multiplier) and not multiplier >= 0:
+  if numerics.is_concrete(multiplier) and not multiplier >= 0:
     raise ValueError(
         f"multiplier (gamma) must be non-negative, got {multiplier!r}.")
-  if (_is_concrete(lag) and _is_concrete(multiplier)
+  if (numerics.is_concrete(lag) and numerics.is_concrete(multiplier)
       and not lag + multiplier >= 1):
     raise ValueError(
         "lag + multiplier (rho + gamma) must be at least 1, so that the"
         " weights (rho + gamma s)^-power stay in (0, 1] for every s >= 1; got"
         f" lag={lag!r}, multiplier={multiplier!r}.")
-  if _is_concrete(burn_in):
+  if numerics.is_concrete(burn_in):
     numerics.check_integer("burn_in", burn_in, 0)
-  if _is_concrete(update_every):
+  if numerics.is_concrete(update_every):
     numerics.check_integer("update_every", update_every, 1)
 
 

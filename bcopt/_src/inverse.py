@@ -27,7 +27,7 @@ def check_estimator(inverse_correction: Any) -> None:
 
 
 def _corrected_leaf(p, variance, exponent):
-  if exponent == 1:
+  if numerics.is_concrete(exponent) and exponent == 1:
     # 1/p - V/p^3 = (1/p) (1 - V (1/p)^2): one division per value (this
     # runs once per fold and microbatch in the cross-fit loops).
     inv = jnp.reciprocal(p)

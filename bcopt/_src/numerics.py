@@ -48,8 +48,8 @@ def zeros_moment(params: PyTree, dtype=None) -> PyTree:
   Works on arrays and on ``jax.ShapeDtypeStruct`` leaves.
   """
   return jax.tree.map(
-      lambda p: jnp.zeros_like(
-          p, dtype=moment_dtype(jnp.result_type(p), dtype)), params)
+      lambda p: jnp.zeros_like(p, moment_dtype(jnp.result_type(p), dtype)),
+      params)
 
 
 def update_moment(moment: PyTree, value: PyTree,
@@ -65,16 +65,31 @@ def bias_correction(decay: chex.Numeric, count: chex.Array) -> chex.Array:
   return 1 - jnp.asarray(decay, dtype) ** count.astype(dtype)
 
 
+def is_concrete(value: Any) -> bool:
+  """False for a traced value, such as a hyperparameter that
+  ``optax.inject_hyperparams`` passes as an array inside ``jit``."""
+  return not isinstance(value, jax.core.Tracer)
+
+
 def check_positive(name: str, value: Any, reason: Optional[str] = None
                    ) -> None:
-  """Raises a ValueError unless ``value > 0``."""
-  if not value > 0:
+  """Raises a ValueError unless ``value > 0``; traced values pass unchecked."""
+  if is_concrete(value) and not value > 0:
     why = f" ({reason})" if reason else ""
     raise ValueError(f"{name} must be positive{why}, got {value!r}.")
 
 
 def check_integer(name: str, value: Any, minimum: int) -> None:
-  """Raises a ValueError unless ``value`` is an integer ``>= minimum``."""
+  """Raises a ValueError unless ``value`` is an integer ``>= minimum``.
+
+  The value must be concrete: an integer option sets shapes or a static
+  schedule, so it cannot be traced (under ``optax.inject_hyperparams`` it
+  goes in ``static_args``).
+  """
+  if not is_concrete(value):
+    raise ValueError(
+        f"{name} must be a concrete integer, got a traced value; with"
+        f" optax.inject_hyperparams, pass static_args=({name!r},).")
   if not (value == int(value) and value >= minimum):
     kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
         minimum, f"an integer >= {minimum}")

@@ -669,7 +669,8 @@ def scale_by_shampoo_bc(
     )
     return optax.tree.cast_like(directions, updates), new_state
 
-  return optax.GradientTransformation(init_fn, microbatch.on_explicit_mesh(update_fn))
+  return optax.GradientTransformation(
+      init_fn, microbatch.on_explicit_mesh(update_fn))
 
 
 def shampoo_bc(

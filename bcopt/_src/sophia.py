@@ -34,9 +34,10 @@ def _check_curvature(updates: PyTree, curvature: PyTree) -> None:
         f" {jax.tree.structure(curvature)} for gradients"
         f" {jax.tree.structure(updates)}."
     )
-  for path, (g, r) in jax.tree_util.tree_leaves_with_path(
-      jax.tree.map(lambda g, r: (g, r), updates, curvature),
-      is_leaf=lambda x: isinstance(x, tuple)):
+  # Same structure, so the leaves pair up in order (pairing them with a
+  # tree map would mistake a tuple of parameters for a pair).
+  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(updates),
+                          jax.tree.leaves(curvature)):
     if jnp.shape(g) != jnp.shape(r):
       raise ValueError(
           f"curvature leaf {jax.tree_util.keystr(path)} has shape"
@@ -64,7 +65,9 @@ def scale_by_sophia_bc(
   ``update(updates, state, params=None, *, curvature=None)`` takes
   microbatched gradients and, on curvature-refresh steps, microbatched
   diagonal curvature estimates :math:`r_j` (same tree and leading axis, e.g.
-  from :func:`bcopt.gnb_diag` or :func:`bcopt.hutchinson_diag`):
+  from :func:`bcopt.gnb_diag` or :func:`bcopt.hutchinson_diag`); other
+  keyword arguments, which ``optax.chain`` forwards to every member, are
+  ignored:
 
   .. math::
 
@@ -171,7 +174,9 @@ def scale_by_sophia_bc(
         inv=jax.tree.map(lambda x: jnp.full_like(x, 1.0 / eps), h),
     )
 
-  def update_fn(updates, state, params=None, *, curvature=None):
+  def update_fn(updates, state, params=None, *, curvature=None,
+                **extra_args):
+    del extra_args
     mb = microbatch.layout(updates, axis_name, params)
     crossfit.check_microbatch_count(mb, cross_fit, inverse_correction)
     g_bar = microbatch.mean(updates, mb)
@@ -213,7 +218,8 @@ def scale_by_sophia_bc(
     )
     return optax.tree.cast_like(direction, updates), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, microbatch.on_explicit_mesh(update_fn))
+  return optax.GradientTransformationExtraArgs(
+      init_fn, microbatch.on_explicit_mesh(update_fn))
 
 
 def sophia_bc(
