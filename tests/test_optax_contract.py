@@ -382,13 +382,13 @@ def test_init_with_abstract_input(config, wrap):
 # mesh of 2 x 4 devices: "model" shards parameters, "data" is there for the
 # microbatch axis. One tree holds a replicated parameter and one sharded over
 # "model" (on its second dimension, as optax's). The microbatch axis of the
-# gradients is laid out by ``microbatch_spec``: None (unsharded) here; a mesh
-# axis name is the sharded-microbatch case.
+# gradients is laid out by ``microbatch_spec``: None (unsharded) or sharded
+# over "data" (tests/test_sharded.py checks the values there).
 
 PARAM_SPECS = {"replicated": jax.P(), "sharded": jax.P(None, "model")}
 
 
-@pytest.mark.parametrize("microbatch_spec", [None])
+@pytest.mark.parametrize("microbatch_spec", [None, "data"])
 @pytest.mark.parametrize("config", DEFAULTS, ids=_id)
 def test_state_sharding_types(config, microbatch_spec):
   family = config[0]

@@ -184,9 +184,15 @@ def on_explicit_mesh(update_fn: Callable[..., Any]) -> Callable[..., Any]:
     out_updates = (jax.tree.map(sharding, params) if params is not None else
                    jax.tree.map(lambda g: sharding(g, True), updates))
     out_sharding = (out_updates, jax.tree.map(sharding, state))
-    body = lambda u, s, p, extra: update_fn(u, s, p, **extra)
+    # Array arguments (Sophia's curvature) enter the Auto region; Python
+    # values (Shampoo's root_step) stay static.
+    is_array = lambda v: all(isinstance(leaf, jax.Array)
+                             for leaf in jax.tree.leaves(v))
+    arrays = {k: v for k, v in extra_args.items() if is_array(v)}
+    static = {k: v for k, v in extra_args.items() if not is_array(v)}
+    body = lambda u, s, p, a: update_fn(u, s, p, **a, **static)
     return jax.sharding.auto_axes(body, out_sharding=out_sharding)(
-        updates, state, params, extra_args)
+        updates, state, params, arrays)
 
   return wrapped
 
@@ -337,7 +343,7 @@ def sum_over_microbatches(
     stacked = _blocks(stacked, d)
     fn = jax.vmap(fn)
     if weights is not None:
-      weights = weights.reshape(d, steps)
+      weights = weights.reshape((d, steps) + weights.shape[1:])
 
   def term(j):
     out = fn(*_visit(stacked, d, j))
