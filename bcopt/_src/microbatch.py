@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bcopt._src import fusion
 from bcopt._src import numerics
@@ -143,6 +144,72 @@ def group_size(mb: Microbatches, group: str) -> int:
   """Number of microbatches in a group (static)."""
   return {"all": mb.total, "first": mb.total // 2,
           "second": mb.total - mb.total // 2}[group]
+
+
+def subgroup_sizes(n: int, count: Optional[int]) -> tuple[int, ...]:
+  """Sizes of the ``min(count, n)`` near-equal contiguous subgroups of ``n``
+  microbatches (they differ by at most one, larger ones first); ``count``
+  None means ``n`` subgroups of one."""
+  k = n if count is None else min(count, n)
+  q, r = divmod(n, k)
+  return (q + 1,) * r + (q,) * (k - r)
+
+
+def subgroup_weights(mb: Microbatches, group: str,
+                     count: Optional[int]) -> jax.Array:
+  """0/1 weights ``(M_local, K')`` of a group's contiguous subgroups.
+
+  Column ``k`` selects subgroup ``k`` of :func:`subgroup_sizes` (group
+  members in global index order); microbatches outside the group have zero
+  rows. Written over the global microbatch index, so it serves a stacked
+  and a named axis alike.
+  """
+  sizes = subgroup_sizes(group_size(mb, group), count)
+  start = mb.total // 2 if group == "second" else 0
+  bounds = np.cumsum((0,) + sizes)
+  position = (global_index(mb) - start)[:, None]
+  inside = (position >= bounds[:-1]) & (position < bounds[1:])
+  return inside.astype(jnp.float32)
+
+
+def subgroup_means(updates: PyTree, mb: Microbatches, group: str,
+                   count: Optional[int]) -> PyTree:
+  """Means of a group's contiguous subgroups (:func:`subgroup_weights`),
+  across the named axis: leaves ``(K',) + shape``, accumulated in float32
+  (or higher), from one weighted pass over the microbatches."""
+  sizes = subgroup_sizes(group_size(mb, group), count)
+
+  def term(g_j, w_j):
+    return jax.tree.map(lambda x: w_j.astype(x.dtype).reshape(
+        (-1,) + (1,) * x.ndim) * x[None], numerics.upcast(g_j))
+
+  total = sum_over_microbatches(term, updates,
+                                subgroup_weights(mb, group, count),
+                                axis_name=mb.axis_name)
+  scale = 1.0 / np.asarray(sizes, np.float64)
+  return jax.tree.map(lambda t: t * scale.astype(t.dtype).reshape(
+      (-1,) + (1,) * (t.ndim - 1)), total)
+
+
+def leave_subgroup_out(subgroup_means: PyTree, sizes) -> tuple[PyTree, PyTree]:
+  r"""The group mean and the means without each subgroup.
+
+  From stacked subgroup means :math:`\bar x_k` (leaves ``(K',) + shape``,
+  e.g. of :func:`subgroup_means`, or any linear image of them) of sizes
+  :math:`n_k` summing to :math:`n`: :math:`\bar x = \sum_k n_k \bar x_k
+  / n` and :math:`\bar x_{(-k)} = (n \bar x - n_k \bar x_k)/(n - n_k)`
+  (leaves ``(K',) + shape``). Local arithmetic on already reduced values.
+  """
+  n = sum(sizes)
+
+  def leaf(x):
+    w = jnp.asarray(sizes, x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    total = jnp.sum(w * x, axis=0)
+    return total / n, (total - w * x) / (n - w)
+
+  pairs = jax.tree.map(leaf, subgroup_means)
+  outer = jax.tree.structure(subgroup_means)
+  return jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
 
 
 class Group(NamedTuple):

@@ -214,8 +214,10 @@ def _eigh(factor: jax.Array, diagonal: jax.Array):
 
 
 def _project(q_l: jax.Array, x: jax.Array, q_r: jax.Array) -> jax.Array:
-  """``Z = Q_L^T X Q_R`` for every tile: one chain of two products."""
-  return jnp.einsum("nik,nij,njl->nkl", q_l, x, q_r, precision=_HIGHEST)
+  """``Z = Q_L^T X Q_R`` for every tile (and every leading index of ``x``):
+  one chain of two products."""
+  return jnp.einsum("nik,...nij,njl->...nkl", q_l, x, q_r,
+                    precision=_HIGHEST)
 
 
 def _projected_norms(z: jax.Array) -> jax.Array:
@@ -282,21 +284,57 @@ def _eigen(t: _Tiling, factors: _Factors, group_mean: jax.Array, b2,
                 jnp.concatenate([eig_l.eigenvalues, eig_r.eigenvalues], -1))
 
 
+def _grouped_variance(tilings, eigen, grads, mb, group_name, groups, *, b2,
+                      damping):
+  r"""The delete-a-group jackknife variance of every eigenvalue.
+
+  The group's ``n`` microbatches form ``K'`` contiguous subgroups of sizes
+  :math:`n_k` (their means from one weighted pass over the microbatches,
+  :func:`bcopt._src.microbatch.subgroup_means`). Their projections
+  :math:`Z_k = Q_L^\top \bar G_k Q_R` (``K'`` per tile) give
+  :math:`n \bar Z = \sum_k n_k Z_k` and, by linearity,
+  :math:`Z_{(-k)} = (n \bar Z - n_k Z_k)/(n - n_k)`; eigenvalue
+  :math:`\ell_{(-k)}` is read off :math:`Z_{(-k)}` as in
+  :func:`_eigenvalue_variance`, and
+  :math:`V = \frac{K'-1}{K'} \sum_k (\ell_{(-k)} - \bar\ell)^2`.
+  Scratch memory grows with ``K'``, not with ``M``.
+  """
+  sizes = microbatch.subgroup_sizes(microbatch.group_size(mb, group_name),
+                                    groups)
+  means = microbatch.subgroup_means(grads, mb, group_name, groups)
+
+  def leaf(t, e, x):
+    x = jax.vmap(lambda y: _to_tiles(y, t))(x.astype(e.tiles.dtype))
+    z = _project(e.left_vectors, x, e.right_vectors)  # (K', n, t1, t2)
+    z_mean, z_out = microbatch.leave_subgroup_out(z, sizes)
+    base = e.values - (1 - b2) * _projected_norms(z_mean)
+    return jnp.maximum(  # l_(-k): (K', n, t1 + t2)
+        base + (1 - b2) * _projected_norms(z_out), damping)
+
+  return inverse.grouped_jackknife_variance(
+      jax.tree.map(leaf, tilings, eigen, means))
+
+
 def _eigenvalue_variance(tilings, eigen, spectra, grads, mb, group_name, *,
-                         b2, damping, estimator):
+                         b2, damping, estimator, groups=None):
   r"""The variance of every eigenvalue from its microbatch re-estimates.
 
   In the fixed eigenbases, eigenvalue :math:`k` re-estimated from the group
   without microbatch :math:`j` (jackknife) or from microbatch :math:`j`
-  alone (``"paper"``) is :math:`base_k + (1-eta_2)\|row_k(Q^	op X)\|^2`
-  with :math:`base_k = eta_2 (Q^	op L Q)_{kk} + \delta`, read off the
-  eigenvalue itself: :math:`base_k = \ell_k - (1-eta_2)\|row_k(Q^	op
-  ar X)\|^2`. Projections are linear, so the leave-one-out projection is
-  :math:`(n ar Z - Z_j)/(n - 1)` with :math:`Z = Q_L^	op X Q_R`.
+  alone (``"paper"``) is :math:`base_k + (1-\beta_2)\|row_k(Q^\top X)\|^2`
+  with :math:`base_k = \beta_2 (Q^\top L Q)_{kk} + \delta`, read off the
+  eigenvalue itself: :math:`base_k = \ell_k - (1-\beta_2)\|row_k(Q^\top
+  \bar X)\|^2`. Projections are linear, so the leave-one-out projection is
+  :math:`(n \bar Z - Z_j)/(n - 1)` with :math:`Z = Q_L^\top X Q_R`.
+  With ``groups`` (``K``) below the group's size the jackknife leaves out
+  subgroups instead (:func:`_grouped_variance`).
   """
   group = microbatch.group(mb, group_name)
   n = group.size
   loo = estimator == "jackknife"
+  if loo and len(microbatch.subgroup_sizes(n, groups)) < n:
+    return _grouped_variance(tilings, eigen, grads, mb, group_name, groups,
+                             b2=b2, damping=damping)
   z_means = jax.tree.map(
       lambda t, e: _project(e.left_vectors, e.tiles, e.right_vectors),
       tilings, eigen)
@@ -329,7 +367,7 @@ def _eigenvalue_variance(tilings, eigen, spectra, grads, mb, group_name, *,
 
 
 def _candidate_roots(tilings, factors, group_mean, grads, mb, group_name, *,
-                     b2, damping, exponent, estimator) -> PyTree:
+                     b2, damping, exponent, estimator, groups) -> PyTree:
   """Candidate factors and corrected roots from one group's statistic.
 
   Args:
@@ -340,6 +378,7 @@ def _candidate_roots(tilings, factors, group_mean, grads, mb, group_name, *,
     mb: their layout.
     group_name: ``"all"``, ``"first"`` or ``"second"``.
     b2, damping, exponent, estimator: as in :func:`scale_by_shampoo_bc`.
+    groups: its ``variance_groups``.
 
   Returns:
     A ``_Factors`` per eligible leaf: ``(L_c, R_c, P_L, P_R)``.
@@ -353,7 +392,7 @@ def _candidate_roots(tilings, factors, group_mean, grads, mb, group_name, *,
   if estimator is not None:
     variance = _eigenvalue_variance(
         tilings, eigen, spectra, grads, mb, group_name, b2=b2,
-        damping=damping, estimator=estimator)
+        damping=damping, estimator=estimator, groups=groups)
   roots = inverse.variance_correct_inverse(spectra, variance,
                                            exponent=exponent)
   return jax.tree.map(
@@ -395,6 +434,28 @@ def _finite_factors(tilings, new, old) -> PyTree:
     ok = _finite(*n)
     return _Factors(*(_where_tiles(ok, a, b) for a, b in zip(n, o)))
   return jax.tree.map(leaf, tilings, new, old)
+
+
+def check_variance_groups(variance_groups: Any) -> None:
+  """Raises a ValueError unless ``variance_groups`` is None or an int >= 2."""
+  if variance_groups is None or (
+      isinstance(variance_groups, (int, np.integer))
+      and not isinstance(variance_groups, bool) and variance_groups >= 2):
+    return
+  raise ValueError(
+      f"variance_groups must be None (the exact jackknife) or an integer >= 2"
+      f" (leaving out the only group would leave no microbatches), got"
+      f" {variance_groups!r}.")
+
+
+def check_root_step(root_step: Any) -> None:
+  """Raises a ValueError unless ``root_step`` is None or a Python bool."""
+  if root_step is None or isinstance(root_step, (bool, np.bool_)):
+    return
+  raise ValueError(
+      f"root_step must be None or a Python bool fixed at trace time (mark"
+      f" it static under jax.jit; None chooses root steps from the count"
+      f" inside the program), got {root_step!r}.")
 
 
 def _cached_step(tilings, factors, mu, g_bar, *, b1):
@@ -444,11 +505,12 @@ def scale_by_shampoo_bc(
     graft: Graft = None,
     cross_fit: Optional[Literal["twofold", "symmetric"]] = "twofold",
     inverse_correction: inverse.Estimator = "jackknife",
+    variance_groups: Optional[int] = 4,
     fallback_b2: jax.typing.ArrayLike = 0.999,
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     axis_name: Optional[str] = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Rescale microbatched gradients by bias-corrected Shampoo.
 
   ``update`` takes microbatched gradients (every leaf
@@ -599,10 +661,11 @@ def scale_by_shampoo_bc(
   numerics.check_positive("exponent", exponent)
   numerics.check_integer("precondition_every", precondition_every, 1)
   numerics.check_integer("block_size", block_size, 2)
+  check_variance_groups(variance_groups)
   block_size = int(block_size)
   precondition_every = int(precondition_every)
   roots_kwargs = dict(b2=b2, damping=damping, exponent=exponent,
-                      estimator=inverse_correction)
+                      estimator=inverse_correction, groups=variance_groups)
 
   def uses_adam(tree, tilings):
     """Per leaf: does it need Adam (the fallback, or the graft norm)?"""
@@ -637,7 +700,8 @@ def scale_by_shampoo_bc(
       shampoo_u = _graft(shampoo_u, _to_tiles(adam_u, tiling), tiling)
     return _from_tiles(shampoo_u, tiling)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, *, root_step=None):
+    check_root_step(root_step)
     mb = microbatch.layout(updates, axis_name, params)
     crossfit.check_microbatch_count(mb, cross_fit, inverse_correction)
     count = optax.safe_increment(state.count)
@@ -652,11 +716,15 @@ def scale_by_shampoo_bc(
     if jax.tree.leaves(tilings):
       grads, mu, mean = (_eligible(x, tilings)
                          for x in (updates, state.mu, g_bar))
-      shampoo_u, factors = jax.lax.cond(
-          (count - 1) % precondition_every == 0,
-          functools.partial(_root_step, tilings, factors, mu, grads, mean, mb,
-                            b1=b1, scheme=cross_fit, **roots_kwargs),
-          functools.partial(_cached_step, tilings, factors, mu, mean, b1=b1))
+      root = functools.partial(_root_step, tilings, factors, mu, grads, mean,
+                               mb, b1=b1, scheme=cross_fit, **roots_kwargs)
+      cached = functools.partial(_cached_step, tilings, factors, mu, mean,
+                                 b1=b1)
+      if root_step is None:  # one program: XLA reserves both kinds' scratch
+        shampoo_u, factors = jax.lax.cond(
+            (count - 1) % precondition_every == 0, root, cached)
+      else:  # a program for this step kind only
+        shampoo_u, factors = root() if root_step else cached()
     directions = jax.tree.map(
         lambda g, t, a, s: direction(t, a, s), updates, tilings, adam_u,
         shampoo_u)
@@ -670,7 +738,7 @@ def scale_by_shampoo_bc(
     )
     return optax.tree.cast_like(directions, updates), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def shampoo_bc(
@@ -686,12 +754,13 @@ def shampoo_bc(
     graft: Graft = None,
     cross_fit: Optional[Literal["twofold", "symmetric"]] = "twofold",
     inverse_correction: inverse.Estimator = "jackknife",
+    variance_groups: Optional[int] = 4,
     fallback_b2: jax.typing.ArrayLike = 0.999,
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     mask: Optional[Any] = None,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     axis_name: Optional[str] = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Shampoo with cross-fitting and variance-corrected inverse roots.
 
   ``optax.chain(scale_by_shampoo_bc(...), optax.add_decayed_weights(
@@ -737,7 +806,8 @@ def shampoo_bc(
           b1, b2, damping, exponent=exponent,
           precondition_every=precondition_every, block_size=block_size,
           graft=graft, cross_fit=cross_fit,
-          inverse_correction=inverse_correction, fallback_b2=fallback_b2,
+          inverse_correction=inverse_correction,
+          variance_groups=variance_groups, fallback_b2=fallback_b2,
           fallback_eps=fallback_eps, mu_dtype=mu_dtype, axis_name=axis_name),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
