@@ -214,10 +214,8 @@ def _eigh(factor: jax.Array, diagonal: jax.Array):
 
 
 def _project(q_l: jax.Array, x: jax.Array, q_r: jax.Array) -> jax.Array:
-  """``Z = Q_L^T X Q_R`` for every tile (and every leading index of ``x``):
-  one chain of two products."""
-  return jnp.einsum("nik,...nij,njl->...nkl", q_l, x, q_r,
-                    precision=_HIGHEST)
+  """``Z = Q_L^T X Q_R`` for every tile: one chain of two products."""
+  return jnp.einsum("nik,nij,njl->nkl", q_l, x, q_r, precision=_HIGHEST)
 
 
 def _projected_norms(z: jax.Array) -> jax.Array:
@@ -304,8 +302,11 @@ def _grouped_variance(tilings, eigen, grads, mb, group_name, groups, *, b2,
   means = microbatch.subgroup_means(grads, mb, group_name, groups)
 
   def leaf(t, e, x):
-    x = jax.vmap(lambda y: _to_tiles(y, t))(x.astype(e.tiles.dtype))
-    z = _project(e.left_vectors, x, e.right_vectors)  # (K', n, t1, t2)
+    # One subgroup at a time: batched, XLA:CPU fuses the subgroup sums
+    # into a transposing copy that feeds the products, about 3x slower.
+    z = jax.lax.map(lambda x_k: _project(  # (K', n, t1, t2)
+        e.left_vectors, _to_tiles(x_k.astype(e.tiles.dtype), t),
+        e.right_vectors), x)
     z_mean, z_out = microbatch.leave_subgroup_out(z, sizes)
     base = e.values - (1 - b2) * _projected_norms(z_mean)
     return jnp.maximum(  # l_(-k): (K', n, t1 + t2)
@@ -513,8 +514,9 @@ def scale_by_shampoo_bc(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale microbatched gradients by bias-corrected Shampoo.
 
-  ``update`` takes microbatched gradients (every leaf
-  ``(M_local,) + param.shape``). For each tile :math:`W` of an eligible
+  ``update(updates, state, params, *, root_step=None)`` takes microbatched
+  gradients (every leaf ``(M_local,) + param.shape``). For each tile
+  :math:`W` of an eligible
   parameter (see the module docstring for the rank, eligibility and
   blocking rules), with :math:`t` the step count:
 
@@ -550,24 +552,46 @@ def scale_by_shampoo_bc(
       + (1-\beta_2)\,\big\|\mathrm{row}_k(Q^\top \bar G_{P(-j)})\big\|^2
       + \delta
 
-  (``"jackknife"``: :math:`V_k = \frac{n-1}{n}\sum_j (\ell_{(-j)k} -
-  \bar\ell_k)^2`; ``"paper"``: the same with each microbatch alone,
-  :math:`V_k = \mathrm{svar}_j(\ell_{jk})/n`), computed in a rolled loop
-  over the group's microbatches that keeps one microbatch's tile buffers at
-  a time: no matrix per microbatch is kept, and a root step's scratch
-  memory does not grow with ``M``. The cost is one ``t1 x t1 x t2`` and one
-  ``t1 x t2 x t2`` product per microbatch, tile and group (the persistent
-  roots' group is all ``M``; ``"twofold"`` adds ``M/2``, ``"symmetric"``
-  ``M``): about ``6 M t^3`` flops per square tile for ``"twofold"``,
-  against four eigendecompositions and about ``20 t^3`` flops for the
-  uncorrected root step (``docs/performance.md`` gives measured costs).
+  and the same with :math:`\bar G_{P(-k)}`, the group's mean without
+  subgroup :math:`k`. ``"jackknife"`` is the delete-a-group jackknife: the
+  group's :math:`n` microbatches form :math:`K' = \min(K, n)` contiguous
+  subgroups of sizes :math:`n_k` differing by at most one (larger first;
+  :math:`K` = ``variance_groups``, :math:`K' = n` for ``None``),
+
+  .. math::
+
+    \bar G_{P(-k)} = \frac{n \bar G_P - n_k \bar G_k}{n - n_k}, \qquad
+    V_k = \frac{K'-1}{K'} \sum_{k'} \big(\ell_{(-k')k}
+      - \tfrac{1}{K'} \textstyle\sum_{k''} \ell_{(-k'')k}\big)^2,
+
+  the exact jackknife for :math:`K' = n` and, for a statistic linear in the
+  microbatches with equal subgroups, :math:`\mathrm{svar}(\text{subgroup
+  means})/K'`. ``"paper"`` keeps its per-microbatch form,
+  :math:`V_k = \mathrm{svar}_j(\ell_{jk})/n` over the group's microbatches
+  alone. No matrix per microbatch is kept, so a root step's scratch memory
+  does not grow with ``M`` (subgroups: ``K'`` subgroup means and their
+  projections; per microbatch: a rolled loop). The cost is one projection
+  :math:`Q_L^\top X Q_R` (a ``t1 x t1 x t2`` and a ``t1 x t2 x t2``
+  product, ``4 t^3`` flops for a square tile) per subgroup and group when
+  :math:`K' < n`, else ``n + 1`` per group (the persistent roots' group is
+  all ``M``; ``"twofold"`` adds ``M/2``, ``"symmetric"`` both halves):
+  ``"twofold"`` with ``K = 4`` and ``M >= 16`` costs 8 projections per
+  square tile, the exact jackknife ``1.5 M + 2``, against four
+  eigendecompositions and about ``20 t^3`` flops for the uncorrected root
+  step (``docs/shampoo_bc.md`` gives measured costs).
   Persistent state comes from the full batch:
   :math:`M \leftarrow M_c(\bar G)` every step; on root steps
   :math:`L \leftarrow L_c(\bar G)`, :math:`R \leftarrow R_c(\bar G)`, and
   the cached roots are recomputed from them with the same correction over
   all ``M`` microbatches. Statistics, eigendecompositions and variances are
-  computed on root steps only, inside ``jax.lax.cond``; other steps cost two
-  matrix products per tile. The momentum is not bias-corrected (as in the
+  computed on root steps only; other steps cost two matrix products per
+  tile. With ``root_step=None`` the step kind is chosen from the count by
+  ``jax.lax.cond`` in one program, whose buffer assignment reserves the
+  root step's scratch memory on every step. A Python bool ``root_step``
+  (static under ``jax.jit``) compiles that step kind alone, so non-root
+  steps hold only their own scratch; it decides whether this call is a
+  root step (``(t - 1) % precondition_every == 0`` keeps the schedule,
+  with ``t`` the 1-based step) and overrides ``precondition_every``. The momentum is not bias-corrected (as in the
   paper's Shampoo-BC).
 
   Eigendecompositions run in float32 (float64 for float64 parameters) on the
@@ -615,6 +639,11 @@ def scale_by_shampoo_bc(
       ``"loo"`` is rejected: each fold would need its own preconditioner,
       that is one eigendecomposition per microbatch.
     inverse_correction: ``None``, ``"jackknife"`` (default) or ``"paper"``.
+    variance_groups: :math:`K`, the subgroups of the delete-a-group
+      jackknife (default 4: ``K`` projections per group instead of ``n``;
+      an integer ``>= 2``), or ``None`` for the exact jackknife
+      (:math:`K' = n`). Groups of at most ``K`` microbatches use the exact
+      one. Unused by ``"paper"`` and the AdamW-BC fallback.
     fallback_b2: Adam's :math:`\beta_2` for fallback parameters and grafting.
     fallback_eps: Adam's :math:`\epsilon` for the same.
     mu_dtype: dtype of the momentum (default float32, or wider params').
@@ -622,11 +651,13 @@ def scale_by_shampoo_bc(
       ``shard_map`` or ``vmap(axis_name=...)``.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` takes the
+    keyword ``root_step`` (``None``, ``True`` or ``False``, see above).
 
   Raises:
     ValueError: for bad options at construction and, at trace time, for too
-      few microbatches or gradients without the microbatch axis.
+      few microbatches, gradients without the microbatch axis or a traced
+      ``root_step``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, bcopt
@@ -641,6 +672,9 @@ def scale_by_shampoo_bc(
     >>> updates, state = jax.jit(tx.update)(grads, state, params)
     >>> updates["w"].shape, updates["b"].shape
     ((6, 4), (4,))
+    >>> step = jax.jit(tx.update, static_argnames="root_step")  # per kind
+    >>> t = int(state.count) + 1   # step 2: not a root step
+    >>> updates, state = step(grads, state, params, root_step=(t - 1) % 2 == 0)
 
   References:
     Gupta et al., 2018, arXiv:1802.09568 (Shampoo); Anil et al., 2020,
@@ -779,12 +813,13 @@ def shampoo_bc(
     b1, b2, damping: see :func:`scale_by_shampoo_bc`.
     weight_decay: :math:`\lambda`, decoupled weight decay.
     exponent, precondition_every, block_size, graft, cross_fit,
-      inverse_correction, fallback_b2, fallback_eps, mu_dtype, axis_name:
-      see :func:`scale_by_shampoo_bc`.
+      inverse_correction, variance_groups, fallback_b2, fallback_eps,
+      mu_dtype, axis_name: see :func:`scale_by_shampoo_bc` (also for
+      ``update``'s keyword ``root_step``).
     mask: which parameters decay (as in ``optax.adamw``).
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformationExtraArgs``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, bcopt
