@@ -203,9 +203,11 @@ def leave_subgroup_out(subgroup_means: PyTree, sizes) -> tuple[PyTree, PyTree]:
   n = sum(sizes)
 
   def leaf(x):
-    w = jnp.asarray(sizes, x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-    total = jnp.sum(w * x, axis=0)
-    return total / n, (total - w * x) / (n - w)
+    # Unrolled over the K' entries: XLA:CPU lowers a sum over the major
+    # axis to a slow single-threaded kernel (about 6x slower here).
+    total = sum(w * x[k] for k, w in enumerate(sizes))
+    return total / n, jnp.stack([(total - w * x[k]) / (n - w)
+                                 for k, w in enumerate(sizes)])
 
   pairs = jax.tree.map(leaf, subgroup_means)
   outer = jax.tree.structure(subgroup_means)

@@ -516,9 +516,8 @@ def scale_by_shampoo_bc(
 
   ``update(updates, state, params, *, root_step=None)`` takes microbatched
   gradients (every leaf ``(M_local,) + param.shape``). For each tile
-  :math:`W` of an eligible
-  parameter (see the module docstring for the rank, eligibility and
-  blocking rules), with :math:`t` the step count:
+  :math:`W` of an eligible parameter (see the module docstring for the
+  rank, eligibility and blocking rules), with :math:`t` the step count:
 
   .. math::
 
@@ -567,8 +566,9 @@ def scale_by_shampoo_bc(
   the exact jackknife for :math:`K' = n` and, for a statistic linear in the
   microbatches with equal subgroups, :math:`\mathrm{svar}(\text{subgroup
   means})/K'`. ``"paper"`` keeps its per-microbatch form,
-  :math:`V_k = \mathrm{svar}_j(\ell_{jk})/n` over the group's microbatches
-  alone. No matrix per microbatch is kept, so a root step's scratch memory
+  :math:`V_k = \mathrm{svar}_j(\ell_{jk})/n` with :math:`\ell_{jk}` the
+  same with microbatch :math:`j` alone in place of the group's mean. No
+  matrix per microbatch is kept, so a root step's scratch memory
   does not grow with ``M`` (subgroups: ``K'`` subgroup means and their
   projections; per microbatch: a rolled loop). The cost is one projection
   :math:`Q_L^\top X Q_R` (a ``t1 x t1 x t2`` and a ``t1 x t2 x t2``
@@ -591,8 +591,8 @@ def scale_by_shampoo_bc(
   (static under ``jax.jit``) compiles that step kind alone, so non-root
   steps hold only their own scratch; it decides whether this call is a
   root step (``(t - 1) % precondition_every == 0`` keeps the schedule,
-  with ``t`` the 1-based step) and overrides ``precondition_every``. The momentum is not bias-corrected (as in the
-  paper's Shampoo-BC).
+  with ``t`` the 1-based step) and overrides ``precondition_every``. The
+  momentum is not bias-corrected (as in the paper's Shampoo-BC).
 
   Eigendecompositions run in float32 (float64 for float64 parameters) on the
   damped factors, and eigenvalues are floored at :math:`\delta`. If a
