@@ -575,7 +575,7 @@ def scale_by_shampoo_bc(
   product, ``4 t^3`` flops for a square tile) per subgroup and group when
   :math:`K' < n`, else ``n + 1`` per group (the persistent roots' group is
   all ``M``; ``"twofold"`` adds ``M/2``, ``"symmetric"`` both halves):
-  ``"twofold"`` with ``K = 4`` and ``M >= 16`` costs 8 projections per
+  ``"twofold"`` with ``K = 4`` and ``M > 8`` costs 8 projections per
   square tile, the exact jackknife ``1.5 M + 2``, against four
   eigendecompositions and about ``20 t^3`` flops for the uncorrected root
   step (``docs/shampoo_bc.md`` gives measured costs).
