@@ -494,6 +494,25 @@ def test_named_axis_equals_stacked(mapping):
     chex.assert_trees_all_close(state, s_ref, rtol=1e-4, atol=1e-6)
 
 
+def test_named_axis_subgroups_straddling_members_equal_stacked():
+  """variance_groups=3 with M = 8 over 4 members of 2: subgroups of 3, 3, 2
+  (all) and 2, 1, 1 (each half) cross the members' boundaries."""
+  params = {"w": jnp.zeros((5, 4))}
+  steps = _steps(20, (5, 4), steps=1)
+  g = {"w": jnp.asarray(steps[0], jnp.float32)}
+  expected, (_, _, _, pl, _) = reference.shampoo_bc_run(
+      steps, B1, B2, DAMPING, EXPONENT, 1, "twofold", "jackknife", 3)
+  make = lambda axis: bcopt.scale_by_shampoo_bc(
+      B1, B2, DAMPING, cross_fit="twofold", variance_groups=3, axis_name=axis)
+  state = make(None).init(params)
+  stacked = jax.jit(make(None).update)(g, state, params)
+  named = make(AXIS)
+  step = jax.jit(lambda g_, s_, _: named.update(g_, s_, params))
+  for u, new in (stacked, run_mapped("shard_map", step, g, state)):
+    _assert_close(np.asarray(u["w"]), expected[0])
+    _assert_close(np.asarray(new.left_root["w"][0]), pl)
+
+
 def test_dtypes():
   params = {"w": jnp.ones((4, 3), jnp.bfloat16), "b": jnp.ones(3, jnp.bfloat16)}
   tx = bcopt.shampoo_bc(1e-2, graft="adam")
