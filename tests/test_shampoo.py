@@ -207,8 +207,8 @@ def test_grouped_jackknife_of_a_linear_statistic(groups):
   means = microbatch.subgroup_means(
       {"x": jnp.asarray(g, jnp.float32)},
       microbatch.layout({"x": g}), "all", groups)["x"]
-  _, left_out = microbatch.leave_subgroup_out(means, sizes)
-  got = inverse.grouped_jackknife_variance(linear(left_out))
+  _, left_out = microbatch.leave_subgroup_out(list(means), sizes)
+  got = inverse.grouped_jackknife_variance(linear(jnp.stack(left_out)))
   subgroup_means = np.stack([g[p].mean(0) for p in reference.subgroups(
       12, groups)])
   expected = np.var(linear(subgroup_means), axis=0, ddof=1) / groups

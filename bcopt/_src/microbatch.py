@@ -13,7 +13,7 @@ local reduction over the leading axis followed by a ``psum`` over the named
 axis, so the stacked and the named-axis computations agree up to rounding.
 """
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -191,27 +191,24 @@ def subgroup_means(updates: PyTree, mb: Microbatches, group: str,
       (-1,) + (1,) * (t.ndim - 1)), total)
 
 
-def leave_subgroup_out(subgroup_means: PyTree, sizes) -> tuple[PyTree, PyTree]:
+def leave_subgroup_out(subgroup_means: Sequence[PyTree], sizes
+                       ) -> tuple[PyTree, list[PyTree]]:
   r"""The group mean and the means without each subgroup.
 
-  From stacked subgroup means :math:`\bar x_k` (leaves ``(K',) + shape``,
-  e.g. of :func:`subgroup_means`, or any linear image of them) of sizes
-  :math:`n_k` summing to :math:`n`: :math:`\bar x = \sum_k n_k \bar x_k
-  / n` and :math:`\bar x_{(-k)} = (n \bar x - n_k \bar x_k)/(n - n_k)`
-  (leaves ``(K',) + shape``). Local arithmetic on already reduced values.
+  From the subgroup means :math:`\bar x_k` (a list of ``K'`` trees, e.g.
+  the entries of :func:`subgroup_means`, or any linear image of them) of
+  sizes :math:`n_k` summing to :math:`n`: :math:`\bar x = \sum_k n_k
+  \bar x_k / n` and the list of :math:`\bar x_{(-k)} = (n \bar x - n_k
+  \bar x_k)/(n - n_k)`. Local arithmetic on already reduced values, kept
+  as separate terms: no stacked (or major-axis) intermediate for XLA to
+  materialise.
   """
   n = sum(sizes)
-
-  def leaf(x):
-    # Unrolled over the K' entries: XLA:CPU lowers a sum over the major
-    # axis to a slow single-threaded kernel (about 6x slower here).
-    total = sum(w * x[k] for k, w in enumerate(sizes))
-    return total / n, jnp.stack([(total - w * x[k]) / (n - w)
-                                 for k, w in enumerate(sizes)])
-
-  pairs = jax.tree.map(leaf, subgroup_means)
-  outer = jax.tree.structure(subgroup_means)
-  return jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
+  total = jax.tree.map(lambda *x: sum(w * x_k for w, x_k in zip(sizes, x)),
+                       *subgroup_means)
+  left_out = [jax.tree.map(lambda t, x_k, w=w: (t - w * x_k) / (n - w), total,
+                           x) for w, x in zip(sizes, subgroup_means)]
+  return jax.tree.map(lambda t: t / n, total), left_out
 
 
 class Group(NamedTuple):
