@@ -10,7 +10,8 @@ cost figures, state bytes (cost models: docs/performance.md).
 * ``sophia``: ``SOPHIA``'s refresh and cached steps against (a), (b),
   Adam-BC and ``optax.contrib.sophia``, amortized over ``REFRESH_EVERY``.
 * ``shampoo``: one ``d x d`` parameter, ``SHAMPOO``'s root and other steps
-  (one program), ``optax.adam``, one ``eigh``, one projection.
+  (timed in one program), ``optax.adam``, one ``eigh``, one projection;
+  XLA's memory of that program and of each step kind (``root_step=``).
 
 ``--ref COMMIT`` adds bcopt at COMMIT (``bcopt_ref``): twins ``NAME @ref``
 and ``bitwise_equal_ref``. ``OPENBLAS_NUM_THREADS`` is 1 unless set (its
@@ -76,11 +77,15 @@ SOPHIA = {  # the same for scale_by_sophia_bc
     "Sophia-BC standard": (None, None)}
 CONTRIB = "optax.contrib.sophia on the mean"
 REFRESH, CACHED = ", refresh", ", no refresh"
-# The same for scale_by_shampoo_bc ("X + jackknife" is compared with "X").
-SHAMPOO = {"standard": (None, None),
-           "standard + jackknife": (None, "jackknife"),
-           "twofold": ("twofold", None),
-           "twofold + jackknife": ("twofold", "jackknife")}
+# scale_by_shampoo_bc's (cross_fit, inverse_correction, variance_groups);
+# "X + jackknife ..." is compared with "X".
+SHAMPOO = {"standard": (None, None, None),
+           "standard + jackknife K=4": (None, "jackknife", 4),
+           "standard + jackknife exact": (None, "jackknife", None),
+           "twofold": ("twofold", None, None),
+           "twofold + jackknife K=4": ("twofold", "jackknife", 4),
+           "twofold + jackknife exact": ("twofold", "jackknife", None)}
+DEFAULT = "twofold + jackknife K=4"   # shampoo_bc's defaults
 STEPS = {"root": 0, "non-root": 1}  # step kind: count before the call
 EIGH, PROJECTION, ADAM_MEAN = "one eigh", "one projection", "optax.adam"
 
@@ -292,8 +297,9 @@ def shampoo_cell(d: int, m: int, libs: dict, args) -> dict:
            jnp.zeros(()), q, grads["w"][:1], q, donate=False)
   for tag, lib in libs.items():
     for name in filter(lambda name: chosen(args, name), SHAMPOO):
-      cf, ic = SHAMPOO[name]
-      tx = lib.scale_by_shampoo_bc(cross_fit=cf, inverse_correction=ic)
+      cf, ic, k = SHAMPOO[name]
+      tx = lib.scale_by_shampoo_bc(cross_fit=cf, inverse_correction=ic,
+                                   variance_groups=k)
       program = update(tx)
       for kind, count in STEPS.items():
         prepare = lambda s, c=count: harness.with_count(s, c)
@@ -301,12 +307,15 @@ def shampoo_cell(d: int, m: int, libs: dict, args) -> dict:
                  params, prepare=prepare)
         program = getattr(cell.runners.get(f"{name}, {kind}{tag}"),
                           "compiled", program)  # one program for both
-        if not tag and f"{name}, {kind}" in cell.runners:
-          fixed = lambda s, g, p, prepare=prepare, tx=tx: tx.update(
-              g, prepare(s), p)
+        if not tag and f"{name}, {kind}" in cell.runners:  # its own program
+          fixed = lambda s, g, p, tx=tx, root=kind == "root": tx.update(
+              g, s, p, root_step=root)
           step_memory[f"{name}, {kind}"] = harness.memory(jax.jit(
               fixed, donate_argnums=0).lower(tx.init(params), grads,
                                              params).compile())
+      if not tag and f"{name}, root" in cell.runners:
+        step_memory[f"{name}, both (lax.cond)"] = harness.memory(
+            cell.runners[f"{name}, root"].compiled)
   cell = {"d": d, "M": m, "gradients_bytes": m * d * d * 4,
           **cell.measure({"adam": ADAM_MEAN}, d * d),
           "memory_step_only": step_memory}
@@ -315,17 +324,21 @@ def shampoo_cell(d: int, m: int, libs: dict, args) -> dict:
 
 
 def shampoo_summary(v: dict, m: int) -> dict:
-  """Correction overheads, the cost model and the step costs in Adams (of
-  the variants timed): {key: (numerator, denominator, factor, offset)}."""
+  """Correction overheads, the cost model (projections: K' per group of n
+  > K', else n + 1) and the step costs in Adams (of the variants timed):
+  {key: (numerator, denominator, factor, offset)}."""
   terms = {"eigh_in_projections": (EIGH, PROJECTION, 1, 0),
-           "predicted_overhead twofold": (PROJECTION, "twofold, root",
-                                          1.5 * m, 0)}
-  terms |= {f"correction_overhead {base}": (f"{name}, root", f"{base}, root",
+           **{f"predicted_overhead twofold {tag}": (
+               PROJECTION, "twofold, root", sum(  # projections per group
+                   n + 1 if k is None or k >= n else k
+                   for n in (m, m - m // 2)), 0)
+              for tag, k in (("exact", None), ("K=4", 4))}}
+  terms |= {f"correction_overhead {name}": (f"{name}, root", f"{base}, root",
                                             1, -1) for name in SHAMPOO
             if (base := name.split(" + ")[0]) != name}
   for kind in STEPS:
-    terms[f"twofold + jackknife, {kind} step / optax.adam"] = (
-        f"twofold + jackknife, {kind}", ADAM_MEAN, 1, 0)
+    terms[f"{DEFAULT}, {kind} step / optax.adam"] = (
+        f"{DEFAULT}, {kind}", ADAM_MEAN, 1, 0)
   return {stat: {k: round(f * v[a][stat] / v[b][stat] + c, 4)
                  for k, (a, b, f, c) in terms.items() if a in v and b in v}
           for stat in ("median_ms", "cpu_median_ms")}
@@ -380,7 +393,7 @@ def report(families: dict, ref) -> str:
             grid(cells, lambda v: slash(v, *ms, ".4g"))]
     rows = [[k, *(slash({s: c["summary"][s][k] for s in ms}, *ms, ".3g")
                   for c in cells)] for k in cells[0]["summary"]["median_ms"]]
-    rows += [[f"{name} only: temp / peak MiB", *(slash(
+    rows += [[f"{name}: temp / peak MiB", *(slash(
         {k: v / 2**20 for k, v in c["memory_step_only"][name].items()},
         "temp", "peak_bound", ".4g") for c in cells)]
              for name in cells[0]["memory_step_only"]]

@@ -1,4 +1,4 @@
-"""An independent numpy restatement of shared/SPEC.md sections 1-3.
+"""An independent numpy restatement of shared/SPEC.md sections 1-5a.
 
 Written from the SPEC text with explicit loops over microbatches, in float64,
 sharing no code with bcopt. Tests compare bcopt against it.
@@ -17,9 +17,25 @@ def corrected_inverse(p, variance=None, exponent=1.0):
   return np.maximum(f - 0.5 * second_derivative * variance, 0.0)
 
 
-def group_variance(denominator, stats, estimator, *, loo_scheme=False):
-  """Variance of a group's denominator from its microbatches (SPEC 2)."""
+def subgroups(n, groups):
+  """SPEC 5a: index arrays of min(groups, n) contiguous subgroups of sizes
+  differing by at most one, larger first (None: n subgroups of one)."""
+  k = n if groups is None else min(groups, n)
+  sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
+  return np.split(np.arange(n), np.cumsum(sizes)[:-1])
+
+
+def group_variance(denominator, stats, estimator, *, loo_scheme=False,
+                   groups=None):
+  """Variance of a group's denominator from its microbatches (SPEC 2; the
+  jackknife leaves out `groups` subgroups as in SPEC 5a)."""
   n = len(stats)
+  if estimator == "jackknife" and not loo_scheme:
+    parts = subgroups(n, groups)
+    values = np.stack([denominator(np.delete(stats, part, axis=0).mean(axis=0))
+                       for part in parts])
+    k = len(parts)
+    return (k - 1) / k * ((values - values.mean(axis=0)) ** 2).sum(axis=0)
   if estimator == "jackknife" or loo_scheme:
     values = np.stack([
         denominator(np.delete(stats, j, axis=0).mean(axis=0))
@@ -120,8 +136,9 @@ def sophia_bc_run(grad_steps, curvature_steps, b1, b2, rho, eps, clip, scheme,
 
 
 def shampoo_bc_run(grad_steps, b1, b2, damping, exponent, every, scheme,
-                   estimator):
-  """SPEC section 5 for one matrix over several steps, unblocked.
+                   estimator, groups=None):
+  """SPEC section 5 (5a with `groups`) for one matrix over several steps,
+  unblocked.
 
   grad_steps: list of (M, d1, d2) arrays. The eigenvalue variance is
   computed the explicit way: each leave-one-out (jackknife) or
@@ -145,7 +162,7 @@ def shampoo_bc_run(grad_steps, b1, b2, damping, exponent, every, scheme,
       v = None
       if estimator is not None:
         eig = lambda x, q=q, c=candidate: np.diag(q.T @ c(x) @ q)
-        v = group_variance(eig, group, estimator)
+        v = group_variance(eig, group, estimator, groups=groups)
       out.append(q @ np.diag(corrected_inverse(l, v, exponent)) @ q.T)
     return out
 

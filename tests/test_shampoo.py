@@ -1,4 +1,4 @@
-"""Shampoo-BC against the numpy restatement of SPEC section 5."""
+"""Shampoo-BC against the numpy restatement of SPEC sections 5 and 5a."""
 
 import functools
 import itertools
@@ -12,6 +12,8 @@ import pytest
 
 import bcopt
 import reference
+from bcopt._src import inverse
+from bcopt._src import microbatch
 from bcopt._src import shampoo
 from named_axis import AXIS, run_mapped
 
@@ -19,6 +21,8 @@ SCHEMES = [None, "twofold", "symmetric"]
 ESTIMATORS = [None, "jackknife", "paper"]
 B1, B2, DAMPING, EXPONENT = 0.9, 0.95, 1e-3, 4
 FALLBACK_B2, FALLBACK_EPS = 0.999, 1e-8
+K = 4  # the default variance_groups: with M = 8 the full batch has 4
+#        subgroups of 2, each two-fold group 4 of 1 (the exact jackknife)
 
 
 def _steps(seed, shape, steps=5, m=8, noise=0.7):
@@ -80,29 +84,33 @@ def test_standard_shampoo_matches_eigh_formula():
   assert int(state[0].count) == 7
 
 
-@pytest.mark.parametrize("estimator", ["jackknife", "paper"])
-def test_eigenvalue_variance_shortcut_equals_explicit_projection(estimator):
+@pytest.mark.parametrize("estimator,groups", [
+    ("jackknife", None), ("jackknife", K), ("jackknife", 3), ("paper", K)])
+def test_eigenvalue_variance_shortcut_equals_explicit_projection(
+    estimator, groups):
   """Cached roots after a root step with a nonzero prior factor.
 
-  The numpy restatement forms every leave-one-out / per-microbatch factor
-  as a d x d matrix and projects it; bcopt uses row norms of Q^T G.
+  The numpy restatement forms every leave-one-out / leave-subgroup-out /
+  per-microbatch factor as a d x d matrix and projects it; bcopt uses row
+  norms of Q^T G (M = 16: subgroups of 4 with K = 4, of 6, 5, 5 with 3).
   """
   shape, m = (5, 4), 16
   steps = _steps(2, shape, steps=2, m=m, noise=1.5)
   _, ref = reference.shampoo_bc_run(steps, B1, B2, DAMPING, EXPONENT, 1,
-                                    None, estimator)
+                                    None, estimator, groups)
   _, plain = reference.shampoo_bc_run(steps, B1, B2, DAMPING, EXPONENT, 1,
                                       None, None)
   tx = bcopt.scale_by_shampoo_bc(B1, B2, DAMPING, precondition_every=1,
-                                 cross_fit=None, inverse_correction=estimator)
+                                 cross_fit=None, inverse_correction=estimator,
+                                 variance_groups=groups)
   _, state = _run(tx, steps)
   for got, expected, uncorrected in [
       (state.left_root["w"][0], ref[3], plain[3]),
       (state.right_root["w"][0], ref[4], plain[4])]:
-    _assert_close(np.asarray(got), expected, msg=estimator)
-    # the correction is far larger than the tolerance
+    _assert_close(np.asarray(got), expected, msg=f"{estimator} {groups}")
+    # the correction is far larger than the tolerance (rtol 1e-3)
     scale = np.max(np.abs(expected))
-    assert np.max(np.abs(expected - uncorrected)) > 0.05 * scale
+    assert np.max(np.abs(expected - uncorrected)) > 0.02 * scale
 
 
 def test_correction_only_shrinks_the_roots():
@@ -129,7 +137,7 @@ def test_matches_numpy_restatement(scheme, estimator):
   """Root steps (t = 1, 3, 5) and cached steps, every scheme x estimator."""
   steps = _steps(3, (4, 3))
   expected, (mom, left, right, pl, pr) = reference.shampoo_bc_run(
-      steps, B1, B2, DAMPING, EXPONENT, 2, scheme, estimator)
+      steps, B1, B2, DAMPING, EXPONENT, 2, scheme, estimator, K)
   tx = bcopt.scale_by_shampoo_bc(B1, B2, DAMPING, precondition_every=2,
                                  cross_fit=scheme,
                                  inverse_correction=estimator)
@@ -141,6 +149,98 @@ def test_matches_numpy_restatement(scheme, estimator):
   np.testing.assert_allclose(state.right["w"][0], right, rtol=1e-5, atol=1e-7)
   _assert_close(np.asarray(state.left_root["w"][0]), pl)
   _assert_close(np.asarray(state.right_root["w"][0]), pr)
+
+
+@pytest.mark.parametrize("scheme,groups", [
+    ("twofold", None), ("twofold", 8), ("symmetric", 3), (None, 5)])
+def test_variance_groups_match_numpy_restatement(scheme, groups):
+  """M = 8 over a root, a cached and a root step: groups=None and 8 (= n)
+  are the exact jackknife; 3 and 5 give unequal subgroups (8 -> 3, 3, 2 and
+  2, 2, 2, 1, 1; the two-fold groups of 4 -> 2, 1, 1 and 4 of 1)."""
+  steps = _steps(16, (4, 3), steps=3)
+  expected, (_, _, _, pl, pr) = reference.shampoo_bc_run(
+      steps, B1, B2, DAMPING, EXPONENT, 2, scheme, "jackknife", groups)
+  tx = bcopt.scale_by_shampoo_bc(B1, B2, DAMPING, precondition_every=2,
+                                 cross_fit=scheme, variance_groups=groups)
+  got, state = _run(tx, steps)
+  for t, (a, b) in enumerate(zip(got, expected), start=1):
+    _assert_close(a, b, msg=f"step {t}")
+  _assert_close(np.asarray(state.left_root["w"][0]), pl)
+  _assert_close(np.asarray(state.right_root["w"][0]), pr)
+  if groups in (None, 8):  # the exact jackknife, not the default K = 4:
+    # step 2 uses the roots of all 8 (4 subgroups of 2 with K = 4)
+    grouped, _ = reference.shampoo_bc_run(
+        steps, B1, B2, DAMPING, EXPONENT, 2, scheme, "jackknife", K)
+    assert np.max(np.abs(grouped[1] - expected[1])) > 1e-2 * np.max(
+        np.abs(expected[1]))
+
+
+def test_subgroup_means_and_weights_over_the_global_index():
+  """Subgroup means of each group, stacked and on a named axis (4 members x
+  3 microbatches), against numpy slices of the global microbatch order."""
+  rng = np.random.default_rng(17)
+  g = {"w": jnp.asarray(rng.normal(size=(12, 3, 2)), jnp.float32)}
+  stacked = microbatch.layout(g)
+  for group, count, start in [("all", 5, 0), ("first", 4, 0),
+                              ("second", 4, 6), ("second", None, 6)]:
+    n = microbatch.group_size(stacked, group)
+    parts = reference.subgroups(n, count)
+    expected = np.stack([np.asarray(g["w"])[start + p].mean(0) for p in parts])
+    got = microbatch.subgroup_means(g, stacked, group, count)["w"]
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    step = jax.jit(lambda g_, s_, _, group=group, count=count: (
+        microbatch.subgroup_means(
+            g_, microbatch.layout(g_, AXIS), group, count), s_))
+    named, _ = run_mapped("shard_map", step, g, jnp.zeros(()))
+    np.testing.assert_allclose(named["w"], expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("groups", [2, 4, 6])
+def test_grouped_jackknife_of_a_linear_statistic(groups):
+  """A statistic linear in the microbatches, equal subgroups (M = 12): the
+  delete-a-group jackknife is svar(subgroup means) / K, for the shared
+  helpers bcopt's Shampoo uses (subgroup means, leave-out means, variance)."""
+  rng = np.random.default_rng(18)
+  g = rng.normal(size=(12, 5))
+  linear = lambda x: 3.0 * x[..., ::-1] - 2.0 * x  # any linear map
+  sizes = microbatch.subgroup_sizes(12, groups)
+  means = microbatch.subgroup_means(
+      {"x": jnp.asarray(g, jnp.float32)},
+      microbatch.layout({"x": g}), "all", groups)["x"]
+  _, left_out = microbatch.leave_subgroup_out(list(means), sizes)
+  got = inverse.grouped_jackknife_variance(linear(jnp.stack(left_out)))
+  subgroup_means = np.stack([g[p].mean(0) for p in reference.subgroups(
+      12, groups)])
+  expected = np.var(linear(subgroup_means), axis=0, ddof=1) / groups
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  # the numpy restatement's grouped jackknife agrees
+  np.testing.assert_allclose(reference.group_variance(
+      linear, g, "jackknife", groups=groups), expected, rtol=1e-10)
+
+
+def test_root_step_flag_compiles_one_step_kind():
+  """root_step=True/False give the lax.cond program's updates and states
+  (a root step, then a cached one), and each program holds only its own
+  kind's scratch memory: the non-root one far less than the cond's."""
+  d, m = 48, 8
+  params = {"w": jnp.zeros((d, d))}
+  steps = _steps(19, (d, d), steps=2, m=m)
+  tx = bcopt.scale_by_shampoo_bc(precondition_every=2)
+  static = jax.jit(tx.update, static_argnames="root_step")
+  state_cond = state_flag = tx.init(params)
+  for g, root in zip(steps, (True, False)):
+    g = {"w": jnp.asarray(g, jnp.float32)}
+    u_cond, state_cond = jax.jit(tx.update)(g, state_cond, params)
+    u_flag, state_flag = static(g, state_flag, params, root_step=root)
+    chex.assert_trees_all_close((u_flag, state_flag), (u_cond, state_cond),
+                                rtol=1e-6, atol=1e-7)
+  shapes = ({"w": jax.ShapeDtypeStruct((m, d, d), jnp.float32)},
+            tx.init(params), params)
+  temp = lambda **kw: jax.jit(lambda *a: tx.update(*a, **kw)).lower(
+      *shapes).compile().memory_analysis().temp_size_in_bytes
+  cond, root, cached = temp(), temp(root_step=True), temp(root_step=False)
+  assert cached < 0.25 * cond, (cached, root, cond)
+  assert root <= cond, (root, cond)
 
 
 def test_factors_change_on_root_steps_only():
@@ -166,7 +266,7 @@ def test_blocking_reproduces_unblocked_on_block_diagonal_problem(
   for s, b in zip(steps, blocks):
     s[:, :3, :3], s[:, 3:, 3:] = b[:, 0], b[:, 1]
   expected, _ = reference.shampoo_bc_run(steps, B1, B2, DAMPING, EXPONENT, 2,
-                                         scheme, estimator)
+                                         scheme, estimator, K)
   tx = bcopt.scale_by_shampoo_bc(B1, B2, DAMPING, precondition_every=2,
                                  block_size=3, cross_fit=scheme,
                                  inverse_correction=estimator)
@@ -188,7 +288,7 @@ def test_uneven_blocks_are_padded_without_effect(scheme, estimator):
   assert state.left["w"].shape == (4, 4, 4)
   cuts = [slice(0, 4), slice(4, 7)]
   per_tile = [reference.shampoo_bc_run(
-      tile_steps, B1, B2, DAMPING, EXPONENT, 2, scheme, estimator)[0]
+      tile_steps, B1, B2, DAMPING, EXPONENT, 2, scheme, estimator, K)[0]
               for tile_steps in zip(*[_tiles(s, cuts, cuts) for s in steps])]
   for t, g in enumerate(got):
     for k, tile in enumerate(_tiles(g, cuts, cuts)):
@@ -206,7 +306,7 @@ def test_graft_rescales_each_tile_to_adam_norm():
   adam_dirs, _ = reference.adam_bc_run(steps, B1, FALLBACK_B2, FALLBACK_EPS,
                                        scheme, estimator)
   shampoo_dirs = [reference.shampoo_bc_run(
-      tile_steps, B1, B2, DAMPING, EXPONENT, 2, scheme, estimator)[0]
+      tile_steps, B1, B2, DAMPING, EXPONENT, 2, scheme, estimator, K)[0]
                   for tile_steps in zip(*[_tiles(s, rows, cols)
                                           for s in steps])]
   for t, g in enumerate(got):
@@ -253,7 +353,7 @@ def test_fallback_leaves_equal_adamw_bc():
     _assert_close(np.asarray(u[k]), expected[-1], rtol=2e-4, atol=2e-5)
   direction, _ = reference.shampoo_bc_run([s["w"] for s in steps], B1, B2,
                                           DAMPING, EXPONENT, 2, scheme,
-                                          estimator)
+                                          estimator, K)
   adam_w, _ = reference.adam_bc_run([s["w"] for s in steps], B1, FALLBACK_B2,
                                     FALLBACK_EPS, scheme, estimator)
   scale = np.linalg.norm(adam_w[-1]) / np.linalg.norm(direction[-1])
@@ -324,22 +424,24 @@ def test_eigenvalues_are_floored_at_the_damping(estimator):
                                rtol=1e-3)
 
 
-@pytest.mark.parametrize("scheme", ["twofold"])
-def test_root_step_scratch_memory_does_not_grow_with_microbatches(scheme):
-  """XLA's buffer assignment: M = 4 -> 16 adds under a quarter of a d x d
-  matrix per extra microbatch (only the (M, t1 + t2) eigenvalue estimates
-  are stacked), where a matrix kept per microbatch would add at least one."""
+@pytest.mark.parametrize("groups,ms", [(None, (4, 16)), (K, (16, 32))])
+def test_root_step_scratch_memory_does_not_grow_with_microbatches(groups, ms):
+  """XLA's buffer assignment: more microbatches add under a quarter of a
+  d x d matrix per extra microbatch (exact: only the (M, t1 + t2)
+  eigenvalue estimates are stacked; grouped: K subgroup means whatever M),
+  where a matrix kept per microbatch would add at least one."""
   d = 48
   params = {"w": jnp.zeros((d, d))}
-  tx = bcopt.scale_by_shampoo_bc(cross_fit=scheme,
-                                 inverse_correction="jackknife")
+  tx = bcopt.scale_by_shampoo_bc(cross_fit="twofold",
+                                 inverse_correction="jackknife",
+                                 variance_groups=groups)
   temp = {}
-  for m in (4, 16):
+  for m in ms:
     grads = {"w": jax.ShapeDtypeStruct((m, d, d), jnp.float32)}
     compiled = jax.jit(tx.update).lower(grads, tx.init(params),
                                         params).compile()
     temp[m] = compiled.memory_analysis().temp_size_in_bytes
-  per_microbatch = (temp[16] - temp[4]) / (16 - 4)
+  per_microbatch = (temp[ms[1]] - temp[ms[0]]) / (ms[1] - ms[0])
   assert per_microbatch < 0.25 * d * d * 4, temp
 
 
@@ -392,6 +494,25 @@ def test_named_axis_equals_stacked(mapping):
     chex.assert_trees_all_close(state, s_ref, rtol=1e-4, atol=1e-6)
 
 
+def test_named_axis_subgroups_straddling_members_equal_stacked():
+  """variance_groups=3 with M = 8 over 4 members of 2: subgroups of 3, 3, 2
+  (all) and 2, 1, 1 (each half) cross the members' boundaries."""
+  params = {"w": jnp.zeros((5, 4))}
+  steps = _steps(20, (5, 4), steps=1)
+  g = {"w": jnp.asarray(steps[0], jnp.float32)}
+  expected, (_, _, _, pl, _) = reference.shampoo_bc_run(
+      steps, B1, B2, DAMPING, EXPONENT, 1, "twofold", "jackknife", 3)
+  make = lambda axis: bcopt.scale_by_shampoo_bc(
+      B1, B2, DAMPING, cross_fit="twofold", variance_groups=3, axis_name=axis)
+  state = make(None).init(params)
+  stacked = jax.jit(make(None).update)(g, state, params)
+  named = make(AXIS)
+  step = jax.jit(lambda g_, s_, _: named.update(g_, s_, params))
+  for u, new in (stacked, run_mapped("shard_map", step, g, state)):
+    _assert_close(np.asarray(u["w"]), expected[0])
+    _assert_close(np.asarray(new.left_root["w"][0]), pl)
+
+
 def test_dtypes():
   params = {"w": jnp.ones((4, 3), jnp.bfloat16), "b": jnp.ones(3, jnp.bfloat16)}
   tx = bcopt.shampoo_bc(1e-2, graft="adam")
@@ -425,10 +546,22 @@ class TestBadInput:
       ({"precondition_every": 0}, "precondition_every must be"),
       ({"precondition_every": 2.5}, "precondition_every must be"),
       ({"block_size": 1}, "block_size must be"),
+      ({"variance_groups": 1}, "variance_groups must be None .* got 1"),
+      ({"variance_groups": 0}, "variance_groups must be None .* got 0"),
+      ({"variance_groups": 2.5}, "variance_groups must be None .* got 2.5"),
+      ({"variance_groups": True}, "variance_groups must be None .* True"),
+      ({"variance_groups": "4"}, "variance_groups must be None .* '4'"),
   ])
   def test_construction(self, kwargs, match):
     with pytest.raises(ValueError, match=match):
       bcopt.scale_by_shampoo_bc(**kwargs)
+
+  def test_root_step_must_be_static(self):
+    tx = bcopt.scale_by_shampoo_bc()
+    params = {"w": jnp.zeros((3, 3))}
+    with pytest.raises(ValueError, match="root_step must be None or"):
+      jax.jit(tx.update)({"w": jnp.ones((4, 3, 3))}, tx.init(params), params,
+                         root_step=jnp.bool_(True))
 
   def test_too_few_microbatches(self):
     tx = bcopt.scale_by_shampoo_bc(cross_fit="twofold")

@@ -124,3 +124,31 @@ def variance_from_spread(
   else:
     raise ValueError(f"No variance for inverse_correction={estimator!r}.")
   return jax.tree.map(lambda s: s * scale, spread)
+
+
+def grouped_jackknife_variance(values: PyTree) -> PyTree:
+  r"""Delete-a-group jackknife variance from stacked leave-out values.
+
+  .. math::
+
+    V = \frac{K-1}{K} \sum_k (x_{(-k)} - \bar x)^2
+
+  over the leading axis (size :math:`K`) of every leaf, where
+  :math:`x_{(-k)}` is the statistic recomputed without subgroup :math:`k`.
+  With :math:`K = n` subgroups of one this is the jackknife of
+  :func:`variance_from_spread`; for a statistic linear in the microbatches
+  and equal subgroups it is :math:`\mathrm{svar}(\text{subgroup
+  means})/K`.
+
+  Args:
+    values: a tree of arrays with a leading axis of size :math:`K \ge 2`.
+
+  Returns:
+    The variance tree (the leading axis reduced).
+  """
+  def leaf(x):
+    # Unrolled over the K entries (XLA:CPU reduces a major axis slowly).
+    k = x.shape[0]
+    mean = sum(x[i] for i in range(k)) / k
+    return (k - 1) / k * sum(jnp.square(x[i] - mean) for i in range(k))
+  return jax.tree.map(leaf, values)

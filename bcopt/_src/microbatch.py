@@ -22,10 +22,11 @@ axis, so the stacked and the named-axis computations agree up to rounding.
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bcopt._src import fusion
 from bcopt._src import numerics
@@ -255,6 +256,71 @@ def group_size(mb: Microbatches, group: str) -> int:
   """Number of microbatches in a group (static)."""
   return {"all": mb.total, "first": mb.total // 2,
           "second": mb.total - mb.total // 2}[group]
+
+
+def subgroup_sizes(n: int, count: Optional[int]) -> tuple[int, ...]:
+  """Sizes of the ``min(count, n)`` near-equal contiguous subgroups of ``n``
+  microbatches (they differ by at most one, larger ones first); ``count``
+  None means ``n`` subgroups of one."""
+  k = n if count is None else min(count, n)
+  q, r = divmod(n, k)
+  return (q + 1,) * r + (q,) * (k - r)
+
+
+def subgroup_weights(mb: Microbatches, group: str,
+                     count: Optional[int]) -> jax.Array:
+  """0/1 weights ``(M_local, K')`` of a group's contiguous subgroups.
+
+  Column ``k`` selects subgroup ``k`` of :func:`subgroup_sizes` (group
+  members in global index order); microbatches outside the group have zero
+  rows. Written over the global microbatch index, so it serves a stacked
+  and a named axis alike.
+  """
+  sizes = subgroup_sizes(group_size(mb, group), count)
+  start = mb.total // 2 if group == "second" else 0
+  bounds = np.cumsum((0,) + sizes)
+  position = (global_index(mb) - start)[:, None]
+  inside = (position >= bounds[:-1]) & (position < bounds[1:])
+  return inside.astype(jnp.float32)
+
+
+def subgroup_means(updates: PyTree, mb: Microbatches, group: str,
+                   count: Optional[int]) -> PyTree:
+  """Means of a group's contiguous subgroups (:func:`subgroup_weights`),
+  across the named axis: leaves ``(K',) + shape``, accumulated in float32
+  (or higher), from one weighted pass over the microbatches."""
+  sizes = subgroup_sizes(group_size(mb, group), count)
+
+  def term(g_j, w_j):
+    return jax.tree.map(lambda x: w_j.astype(x.dtype).reshape(
+        (-1,) + (1,) * x.ndim) * x[None], numerics.upcast(g_j))
+
+  total = sum_over_microbatches(term, updates,
+                                subgroup_weights(mb, group, count),
+                                axis_name=mb.axis_name)
+  scale = 1.0 / np.asarray(sizes, np.float64)
+  return jax.tree.map(lambda t: t * scale.astype(t.dtype).reshape(
+      (-1,) + (1,) * (t.ndim - 1)), total)
+
+
+def leave_subgroup_out(subgroup_means: Sequence[PyTree], sizes
+                       ) -> tuple[PyTree, list[PyTree]]:
+  r"""The group mean and the means without each subgroup.
+
+  From the subgroup means :math:`\bar x_k` (a list of ``K'`` trees, e.g.
+  the entries of :func:`subgroup_means`, or any linear image of them) of
+  sizes :math:`n_k` summing to :math:`n`: :math:`\bar x = \sum_k n_k
+  \bar x_k / n` and the list of :math:`\bar x_{(-k)} = (n \bar x - n_k
+  \bar x_k)/(n - n_k)`. Local arithmetic on already reduced values, kept
+  as separate terms: no stacked (or major-axis) intermediate for XLA to
+  materialise.
+  """
+  n = sum(sizes)
+  total = jax.tree.map(lambda *x: sum(w * x_k for w, x_k in zip(sizes, x)),
+                       *subgroup_means)
+  left_out = [jax.tree.map(lambda t, x_k, w=w: (t - w * x_k) / (n - w), total,
+                           x) for w, x in zip(sizes, subgroup_means)]
+  return jax.tree.map(lambda t: t / n, total), left_out
 
 
 class Group(NamedTuple):

@@ -282,21 +282,61 @@ def _eigen(t: _Tiling, factors: _Factors, group_mean: jax.Array, b2,
                 jnp.concatenate([eig_l.eigenvalues, eig_r.eigenvalues], -1))
 
 
+def _grouped_variance(tilings, eigen, grads, mb, group_name, groups, *, b2,
+                      damping):
+  r"""The delete-a-group jackknife variance of every eigenvalue.
+
+  The group's ``n`` microbatches form ``K'`` contiguous subgroups of sizes
+  :math:`n_k` (their means from one weighted pass over the microbatches,
+  :func:`bcopt._src.microbatch.subgroup_means`). Their projections
+  :math:`Z_k = Q_L^\top \bar G_k Q_R` (``K'`` per tile) give
+  :math:`n \bar Z = \sum_k n_k Z_k` and, by linearity,
+  :math:`Z_{(-k)} = (n \bar Z - n_k Z_k)/(n - n_k)`; eigenvalue
+  :math:`\ell_{(-k)}` is read off :math:`Z_{(-k)}` as in
+  :func:`_eigenvalue_variance`, and
+  :math:`V = \frac{K'-1}{K'} \sum_k (\ell_{(-k)} - \bar\ell)^2`.
+  Scratch memory grows with ``K'``, not with ``M``.
+  """
+  sizes = microbatch.subgroup_sizes(microbatch.group_size(mb, group_name),
+                                    groups)
+  means = microbatch.subgroup_means(grads, mb, group_name, groups)
+
+  def leaf(t, e, x):
+    # K' separate projections, no loop or stack: XLA:CPU then keeps no
+    # stacked copy of the projections or of the leave-out ones (a lax.map
+    # over K' held 28 MiB more at d = 1024, M = 16, and its correction cost
+    # about 1.5x as much in a profile of the whole root step).
+    z_mean, z_out = microbatch.leave_subgroup_out(
+        [_project(e.left_vectors, _to_tiles(x[k].astype(e.tiles.dtype), t),
+                  e.right_vectors) for k in range(len(sizes))], sizes)
+    base = e.values - (1 - b2) * _projected_norms(z_mean)
+    return jnp.stack([jnp.maximum(  # l_(-k): (K', n, t1 + t2)
+        base + (1 - b2) * _projected_norms(z), damping) for z in z_out])
+
+  return inverse.grouped_jackknife_variance(
+      jax.tree.map(leaf, tilings, eigen, means))
+
+
 def _eigenvalue_variance(tilings, eigen, spectra, grads, mb, group_name, *,
-                         b2, damping, estimator):
+                         b2, damping, estimator, groups=None):
   r"""The variance of every eigenvalue from its microbatch re-estimates.
 
   In the fixed eigenbases, eigenvalue :math:`k` re-estimated from the group
   without microbatch :math:`j` (jackknife) or from microbatch :math:`j`
-  alone (``"paper"``) is :math:`base_k + (1-eta_2)\|row_k(Q^	op X)\|^2`
-  with :math:`base_k = eta_2 (Q^	op L Q)_{kk} + \delta`, read off the
-  eigenvalue itself: :math:`base_k = \ell_k - (1-eta_2)\|row_k(Q^	op
-  ar X)\|^2`. Projections are linear, so the leave-one-out projection is
-  :math:`(n ar Z - Z_j)/(n - 1)` with :math:`Z = Q_L^	op X Q_R`.
+  alone (``"paper"``) is :math:`base_k + (1-\beta_2)\|row_k(Q^\top X)\|^2`
+  with :math:`base_k = \beta_2 (Q^\top L Q)_{kk} + \delta`, read off the
+  eigenvalue itself: :math:`base_k = \ell_k - (1-\beta_2)\|row_k(Q^\top
+  \bar X)\|^2`. Projections are linear, so the leave-one-out projection is
+  :math:`(n \bar Z - Z_j)/(n - 1)` with :math:`Z = Q_L^\top X Q_R`.
+  With ``groups`` (``K``) below the group's size the jackknife leaves out
+  subgroups instead (:func:`_grouped_variance`).
   """
   group = microbatch.group(mb, group_name)
   n = group.size
   loo = estimator == "jackknife"
+  if loo and len(microbatch.subgroup_sizes(n, groups)) < n:
+    return _grouped_variance(tilings, eigen, grads, mb, group_name, groups,
+                             b2=b2, damping=damping)
   z_means = jax.tree.map(
       lambda t, e: _project(e.left_vectors, e.tiles, e.right_vectors),
       tilings, eigen)
@@ -328,7 +368,7 @@ def _eigenvalue_variance(tilings, eigen, spectra, grads, mb, group_name, *,
 
 
 def _candidate_roots(tilings, factors, group_mean, grads, mb, group_name, *,
-                     b2, damping, exponent, estimator) -> PyTree:
+                     b2, damping, exponent, estimator, groups) -> PyTree:
   """Candidate factors and corrected roots from one group's statistic.
 
   Args:
@@ -339,6 +379,7 @@ def _candidate_roots(tilings, factors, group_mean, grads, mb, group_name, *,
     mb: their layout.
     group_name: ``"all"``, ``"first"`` or ``"second"``.
     b2, damping, exponent, estimator: as in :func:`scale_by_shampoo_bc`.
+    groups: its ``variance_groups``.
 
   Returns:
     A ``_Factors`` per eligible leaf: ``(L_c, R_c, P_L, P_R)``.
@@ -352,7 +393,7 @@ def _candidate_roots(tilings, factors, group_mean, grads, mb, group_name, *,
   if estimator is not None:
     variance = _eigenvalue_variance(
         tilings, eigen, spectra, grads, mb, group_name, b2=b2,
-        damping=damping, estimator=estimator)
+        damping=damping, estimator=estimator, groups=groups)
   roots = inverse.variance_correct_inverse(spectra, variance,
                                            exponent=exponent)
   return jax.tree.map(
@@ -394,6 +435,28 @@ def _finite_factors(tilings, new, old) -> PyTree:
     ok = _finite(*n)
     return _Factors(*(_where_tiles(ok, a, b) for a, b in zip(n, o)))
   return jax.tree.map(leaf, tilings, new, old)
+
+
+def check_variance_groups(variance_groups: Any) -> None:
+  """Raises a ValueError unless ``variance_groups`` is None or an int >= 2."""
+  if variance_groups is None or (
+      isinstance(variance_groups, (int, np.integer))
+      and not isinstance(variance_groups, bool) and variance_groups >= 2):
+    return
+  raise ValueError(
+      f"variance_groups must be None (the exact jackknife) or an integer >= 2"
+      f" (leaving out the only group would leave no microbatches), got"
+      f" {variance_groups!r}.")
+
+
+def check_root_step(root_step: Any) -> None:
+  """Raises a ValueError unless ``root_step`` is None or a Python bool."""
+  if root_step is None or isinstance(root_step, (bool, np.bool_)):
+    return
+  raise ValueError(
+      f"root_step must be None or a Python bool fixed at trace time (mark"
+      f" it static under jax.jit; None chooses root steps from the count"
+      f" inside the program), got {root_step!r}.")
 
 
 def _cached_step(tilings, factors, mu, g_bar, *, b1):
@@ -443,17 +506,18 @@ def scale_by_shampoo_bc(
     graft: Graft = None,
     cross_fit: Optional[Literal["twofold", "symmetric"]] = "twofold",
     inverse_correction: inverse.Estimator = "jackknife",
+    variance_groups: Optional[int] = 4,
     fallback_b2: jax.typing.ArrayLike = 0.999,
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     axis_name: Optional[str] = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Rescale microbatched gradients by bias-corrected Shampoo.
 
-  ``update`` takes microbatched gradients (every leaf
-  ``(M_local,) + param.shape``). For each tile :math:`W` of an eligible
-  parameter (see the module docstring for the rank, eligibility and
-  blocking rules), with :math:`t` the step count:
+  ``update(updates, state, params, *, root_step=None)`` takes microbatched
+  gradients (every leaf ``(M_local,) + param.shape``). For each tile
+  :math:`W` of an eligible parameter (see the module docstring for the
+  rank, eligibility and blocking rules), with :math:`t` the step count:
 
   .. math::
 
@@ -487,25 +551,48 @@ def scale_by_shampoo_bc(
       + (1-\beta_2)\,\big\|\mathrm{row}_k(Q^\top \bar G_{P(-j)})\big\|^2
       + \delta
 
-  (``"jackknife"``: :math:`V_k = \frac{n-1}{n}\sum_j (\ell_{(-j)k} -
-  \bar\ell_k)^2`; ``"paper"``: the same with each microbatch alone,
-  :math:`V_k = \mathrm{svar}_j(\ell_{jk})/n`), computed in a rolled loop
-  over the group's microbatches that keeps one microbatch's tile buffers at
-  a time: no matrix per microbatch is kept, and a root step's scratch
-  memory does not grow with ``M``. The cost is one ``t1 x t1 x t2`` and one
-  ``t1 x t2 x t2`` product per microbatch, tile and group (the persistent
-  roots' group is all ``M``; ``"twofold"`` adds ``M/2``, ``"symmetric"``
-  ``M``): about ``6 M t^3`` flops per square tile for ``"twofold"``,
-  against four eigendecompositions and about ``20 t^3`` flops for the
-  uncorrected root step (``docs/performance.md`` gives measured costs).
+  and the same with :math:`\bar G_{P(-k)}`, the group's mean without
+  subgroup :math:`k`. ``"jackknife"`` is the delete-a-group jackknife: the
+  group's :math:`n` microbatches form :math:`K' = \min(K, n)` contiguous
+  subgroups of sizes :math:`n_k` differing by at most one (larger first;
+  :math:`K` = ``variance_groups``, :math:`K' = n` for ``None``),
+
+  .. math::
+
+    \bar G_{P(-k)} = \frac{n \bar G_P - n_k \bar G_k}{n - n_k}, \qquad
+    V_k = \frac{K'-1}{K'} \sum_{k'} \big(\ell_{(-k')k}
+      - \tfrac{1}{K'} \textstyle\sum_{k''} \ell_{(-k'')k}\big)^2,
+
+  the exact jackknife for :math:`K' = n` and, for a statistic linear in the
+  microbatches with equal subgroups, :math:`\mathrm{svar}(\text{subgroup
+  means})/K'`. ``"paper"`` keeps its per-microbatch form,
+  :math:`V_k = \mathrm{svar}_j(\ell_{jk})/n` with :math:`\ell_{jk}` the
+  same with microbatch :math:`j` alone in place of the group's mean. No
+  matrix per microbatch is kept, so a root step's scratch memory
+  does not grow with ``M`` (subgroups: ``K'`` subgroup means and their
+  projections; per microbatch: a rolled loop). The cost is one projection
+  :math:`Q_L^\top X Q_R` (a ``t1 x t1 x t2`` and a ``t1 x t2 x t2``
+  product, ``4 t^3`` flops for a square tile) per subgroup and group when
+  :math:`K' < n`, else ``n + 1`` per group (the persistent roots' group is
+  all ``M``; ``"twofold"`` adds ``M/2``, ``"symmetric"`` both halves):
+  ``"twofold"`` with ``K = 4`` and ``M > 8`` costs 8 projections per
+  square tile, the exact jackknife ``1.5 M + 2``, against four
+  eigendecompositions and about ``20 t^3`` flops for the uncorrected root
+  step (``docs/shampoo_bc.md`` gives measured costs).
   Persistent state comes from the full batch:
   :math:`M \leftarrow M_c(\bar G)` every step; on root steps
   :math:`L \leftarrow L_c(\bar G)`, :math:`R \leftarrow R_c(\bar G)`, and
   the cached roots are recomputed from them with the same correction over
   all ``M`` microbatches. Statistics, eigendecompositions and variances are
-  computed on root steps only, inside ``jax.lax.cond``; other steps cost two
-  matrix products per tile. The momentum is not bias-corrected (as in the
-  paper's Shampoo-BC).
+  computed on root steps only; other steps cost two matrix products per
+  tile. With ``root_step=None`` the step kind is chosen from the count by
+  ``jax.lax.cond`` in one program, whose buffer assignment reserves the
+  root step's scratch memory on every step. A Python bool ``root_step``
+  (static under ``jax.jit``) compiles that step kind alone, so non-root
+  steps hold only their own scratch; it decides whether this call is a
+  root step (``(t - 1) % precondition_every == 0`` keeps the schedule,
+  with ``t`` the 1-based step) and overrides ``precondition_every``. The
+  momentum is not bias-corrected (as in the paper's Shampoo-BC).
 
   Eigendecompositions run in float32 (float64 for float64 parameters) on the
   damped factors, and eigenvalues are floored at :math:`\delta`. If a
@@ -552,6 +639,11 @@ def scale_by_shampoo_bc(
       ``"loo"`` is rejected: each fold would need its own preconditioner,
       that is one eigendecomposition per microbatch.
     inverse_correction: ``None``, ``"jackknife"`` (default) or ``"paper"``.
+    variance_groups: :math:`K`, the subgroups of the delete-a-group
+      jackknife (default 4: ``K`` projections per group instead of ``n``;
+      an integer ``>= 2``), or ``None`` for the exact jackknife
+      (:math:`K' = n`). Groups of at most ``K`` microbatches use the exact
+      one. Unused by ``"paper"`` and the AdamW-BC fallback.
     fallback_b2: Adam's :math:`\beta_2` for fallback parameters and grafting.
     fallback_eps: Adam's :math:`\epsilon` for the same.
     mu_dtype: dtype of the momentum (default float32, or wider params').
@@ -559,11 +651,13 @@ def scale_by_shampoo_bc(
       ``shard_map`` or ``vmap(axis_name=...)``.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` takes the
+    keyword ``root_step`` (``None``, ``True`` or ``False``, see above).
 
   Raises:
     ValueError: for bad options at construction and, at trace time, for too
-      few microbatches or gradients without the microbatch axis.
+      few microbatches, gradients without the microbatch axis or a traced
+      ``root_step``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, bcopt
@@ -578,6 +672,9 @@ def scale_by_shampoo_bc(
     >>> updates, state = jax.jit(tx.update)(grads, state, params)
     >>> updates["w"].shape, updates["b"].shape
     ((6, 4), (4,))
+    >>> step = jax.jit(tx.update, static_argnames="root_step")  # per kind
+    >>> t = int(state.count) + 1   # step 2: not a root step
+    >>> updates, state = step(grads, state, params, root_step=(t - 1) % 2 == 0)
 
   References:
     Gupta et al., 2018, arXiv:1802.09568 (Shampoo); Anil et al., 2020,
@@ -598,10 +695,11 @@ def scale_by_shampoo_bc(
   numerics.check_positive("exponent", exponent)
   numerics.check_integer("precondition_every", precondition_every, 1)
   numerics.check_integer("block_size", block_size, 2)
+  check_variance_groups(variance_groups)
   block_size = int(block_size)
   precondition_every = int(precondition_every)
   roots_kwargs = dict(b2=b2, damping=damping, exponent=exponent,
-                      estimator=inverse_correction)
+                      estimator=inverse_correction, groups=variance_groups)
 
   def uses_adam(tree, tilings):
     """Per leaf: does it need Adam (the fallback, or the graft norm)?"""
@@ -636,7 +734,10 @@ def scale_by_shampoo_bc(
       shampoo_u = _graft(shampoo_u, _to_tiles(adam_u, tiling), tiling)
     return _from_tiles(shampoo_u, tiling)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, *, root_step=None,
+                **extra_args):
+    del extra_args  # optax chains forward every keyword argument
+    check_root_step(root_step)
     mb = microbatch.layout(updates, axis_name, params)
     crossfit.check_microbatch_count(mb, cross_fit, inverse_correction)
     count = optax.safe_increment(state.count)
@@ -651,11 +752,15 @@ def scale_by_shampoo_bc(
     if jax.tree.leaves(tilings):
       grads, mu, mean = (_eligible(x, tilings)
                          for x in (updates, state.mu, g_bar))
-      shampoo_u, factors = jax.lax.cond(
-          (count - 1) % precondition_every == 0,
-          functools.partial(_root_step, tilings, factors, mu, grads, mean, mb,
-                            b1=b1, scheme=cross_fit, **roots_kwargs),
-          functools.partial(_cached_step, tilings, factors, mu, mean, b1=b1))
+      root = functools.partial(_root_step, tilings, factors, mu, grads, mean,
+                               mb, b1=b1, scheme=cross_fit, **roots_kwargs)
+      cached = functools.partial(_cached_step, tilings, factors, mu, mean,
+                                 b1=b1)
+      if root_step is None:  # one program: XLA reserves both kinds' scratch
+        shampoo_u, factors = jax.lax.cond(
+            (count - 1) % precondition_every == 0, root, cached)
+      else:  # a program for this step kind only
+        shampoo_u, factors = root() if root_step else cached()
     directions = jax.tree.map(
         lambda g, t, a, s: direction(t, a, s), updates, tilings, adam_u,
         shampoo_u)
@@ -669,7 +774,7 @@ def scale_by_shampoo_bc(
     )
     return optax.tree.cast_like(directions, updates), new_state
 
-  return optax.GradientTransformation(
+  return optax.GradientTransformationExtraArgs(
       init_fn, microbatch.on_explicit_mesh(update_fn))
 
 
@@ -686,12 +791,13 @@ def shampoo_bc(
     graft: Graft = None,
     cross_fit: Optional[Literal["twofold", "symmetric"]] = "twofold",
     inverse_correction: inverse.Estimator = "jackknife",
+    variance_groups: Optional[int] = 4,
     fallback_b2: jax.typing.ArrayLike = 0.999,
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     mask: Optional[Any] = None,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     axis_name: Optional[str] = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Shampoo with cross-fitting and variance-corrected inverse roots.
 
   ``optax.chain(scale_by_shampoo_bc(...), optax.add_decayed_weights(
@@ -710,12 +816,13 @@ def shampoo_bc(
     b1, b2, damping: see :func:`scale_by_shampoo_bc`.
     weight_decay: :math:`\lambda`, decoupled weight decay.
     exponent, precondition_every, block_size, graft, cross_fit,
-      inverse_correction, fallback_b2, fallback_eps, mu_dtype, axis_name:
-      see :func:`scale_by_shampoo_bc`.
+      inverse_correction, variance_groups, fallback_b2, fallback_eps,
+      mu_dtype, axis_name: see :func:`scale_by_shampoo_bc` (also for
+      ``update``'s keyword ``root_step``).
     mask: which parameters decay (as in ``optax.adamw``).
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformationExtraArgs``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, bcopt
@@ -737,7 +844,8 @@ def shampoo_bc(
           b1, b2, damping, exponent=exponent,
           precondition_every=precondition_every, block_size=block_size,
           graft=graft, cross_fit=cross_fit,
-          inverse_correction=inverse_correction, fallback_b2=fallback_b2,
+          inverse_correction=inverse_correction,
+          variance_groups=variance_groups, fallback_b2=fallback_b2,
           fallback_eps=fallback_eps, mu_dtype=mu_dtype, axis_name=axis_name),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
