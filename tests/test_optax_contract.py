@@ -67,7 +67,7 @@ KWARGS = {
 }
 # Structural integers that set shapes or the period of the root steps: static
 # under inject_hyperparams, like optax's ``ns_steps`` or ``update_proj_gap``.
-STATIC_HPARAMS = ("block_size", "precondition_every")
+STATIC_HPARAMS = ("block_size", "precondition_every", "variance_groups")
 
 
 # Every scheme with the default estimator, then every other estimator with

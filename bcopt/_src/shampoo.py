@@ -439,6 +439,11 @@ def _finite_factors(tilings, new, old) -> PyTree:
 
 def check_variance_groups(variance_groups: Any) -> None:
   """Raises a ValueError unless ``variance_groups`` is None or an int >= 2."""
+  if not numerics.is_concrete(variance_groups):
+    raise ValueError(
+        "variance_groups must be a concrete integer (it sets how many"
+        " subgroups are projected), got a traced value; with"
+        " optax.inject_hyperparams, pass static_args=('variance_groups',).")
   if variance_groups is None or (
       isinstance(variance_groups, (int, np.integer))
       and not isinstance(variance_groups, bool) and variance_groups >= 2):
