@@ -71,10 +71,11 @@ def per_microbatch(fn: Callable[[jax.Array], jax.Array],
   their input several times (LOO with the jackknife: for the mean, the
   spread and the folds). When that input is an elementwise function of the
   gradients (the clipped gradients ``g * scale`` of
-  :func:`bcopt.clip_by_global_norm`), the reads exceed the limit at ``M >=
-  8``, so XLA writes ``fn(x)`` out in full, ``M`` times the parameters of
-  fresh memory that page-faults on every call, and the update reads it back
-  (3-4x the update's own cost on 2 cores). Stacked from ``fn`` of each slice,
+  :func:`bcopt.clip_by_global_norm`), the reads exceed the limit (seen at
+  ``M`` = 8 and 32), so XLA writes ``fn(x)`` out in full, ``M`` times the
+  parameters of fresh memory that page-faults on every call, and the update
+  reads it back (the chain cost 2.4-3x the update alone on 2 cores; see
+  docs/performance.md). Stacked from ``fn`` of each slice,
   the loops' static slices of the stack simplify to the slices' own
   producers, each read a few times, which fuse into the update kernels; the
   stack is never written. The values are ``fn(x)``'s.
