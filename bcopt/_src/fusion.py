@@ -5,7 +5,7 @@ computation, and says which backend behaviour it works around. If a backend
 stops needing one, it is changed here and nowhere else.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,3 +60,40 @@ def stored(tree: PyTree) -> PyTree:
                         lambda x: jax.tree.map(jnp.zeros_like, x), t)
 
   return jax.lax.platform_dependent(tree, cpu=on_cpu, default=lambda t: t)
+
+
+def per_microbatch(fn: Callable[[jax.Array], jax.Array],
+                   x: jax.Array) -> jax.Array:
+  """``fn(x)`` for an elementwise ``fn``, built slice by slice (XLA:CPU only).
+
+  Works around XLA:CPU's limit on duplicating a producer's code in the
+  kernels it is fused into. The update kernels read every microbatch slice of
+  their input several times (LOO with the jackknife: for the mean, the
+  spread and the folds). When that input is an elementwise function of the
+  gradients (the clipped gradients ``g * scale`` of
+  :func:`bcopt.clip_by_global_norm`), the reads exceed the limit (seen at
+  ``M`` = 8 and 32), so XLA writes ``fn(x)`` out in full, ``M`` times the
+  parameters of fresh memory that page-faults on every call, and the update
+  reads it back (the chain cost 2.4-3x the update alone on 2 cores; see
+  docs/performance.md). Stacked from ``fn`` of each slice,
+  the loops' static slices of the stack simplify to the slices' own
+  producers, each read a few times, which fuse into the update kernels; the
+  stack is never written. The values are ``fn(x)``'s.
+
+  Only for an unsharded microbatch axis short enough for the loops over it
+  to be unrolled in full (``FULL_UNROLL_LIMIT``): longer loops index it
+  dynamically, and slicing a sharded axis would gather it. Elsewhere, and
+  on other backends, this is ``fn(x)``.
+
+  Args:
+    fn: an elementwise function (``fn(x)[j] == fn(x[j])``).
+    x: an array with a leading microbatch axis held on one device.
+
+  Returns:
+    ``fn(x)``.
+  """
+  m = x.shape[0]
+  if m > FULL_UNROLL_LIMIT:
+    return fn(x)
+  return jax.lax.platform_dependent(
+      x, cpu=lambda x: jnp.stack([fn(x[j]) for j in range(m)]), default=fn)

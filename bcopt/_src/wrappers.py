@@ -54,15 +54,19 @@ def clip_by_global_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    g_bar = microbatch.microbatch_mean(updates, axis_name)
+    mb = microbatch.layout(updates, axis_name)
+    g_bar = microbatch.mean(updates, mb)
     if axis_name is None:  # else a single-threaded reduce (psum stores it)
       g_bar = fusion.stored(g_bar)
     g_norm = optax.tree.norm(g_bar)
     trigger = g_norm < max_norm
 
     def clip_fn(t):
-      scale = jnp.where(trigger, 1.0, max_norm / g_norm)
-      return (t * scale.astype(t.dtype)).astype(t.dtype)
+      scale = jnp.where(trigger, 1.0, max_norm / g_norm).astype(t.dtype)
+      scaled = lambda x: (x * scale).astype(t.dtype)
+      # Unsharded: slice by slice, so the scaling fuses into the next
+      # transform's kernels instead of being written out (fusion.py).
+      return fusion.per_microbatch(scaled, t) if mb.blocks == 1 else scaled(t)
 
     return jax.tree.map(clip_fn, updates), state
 
