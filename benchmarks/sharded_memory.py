@@ -20,6 +20,8 @@ a time is the total work of a step, not a pod's latency::
 
   python -m benchmarks.sharded_memory           # D = 1 2 4 8, M = 8
   python -m benchmarks.sharded_memory --quick   # a smoke run
+
+Results are saved after every cell; rerunning the same command resumes.
 """
 
 import os
@@ -70,10 +72,13 @@ def programs(family: str, mode: str, d: int, args):
   return mesh, step, put(tx.init(params), P()), put(grads, P("data"))
 
 
-def measure(args, log) -> dict:
-  rows = {}
+def measure(args, log, rows: dict, save) -> dict:
+  """Fills ``rows`` cell by cell (a family on ``D`` devices), calling
+  ``save()`` after each; cells already in ``rows`` are kept."""
   for d in args.devices:
     for family in args.families:
+      if all(f"{family} D={d} {mode}" in rows for mode in MODES):
+        continue
       runners = {}
       for mode in MODES:
         mesh, step, state, grads = programs(family, mode, d, args)
@@ -93,6 +98,7 @@ def measure(args, log) -> dict:
         log(f"{family} D={d} {mode}: temp "
             f"{row['memory']['temp'] / 2**20:.2f} MiB, all-gather "
             f"{row['all_gather']}, {row['time']['median_ms']:.1f} ms")
+      save()
   return rows
 
 
@@ -136,11 +142,19 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   env = harness.environment()
-  rows = measure(args, lambda s: print(s, flush=True))
-  result = {"command": harness.command(MODULE, argv), "config": vars(args),
-            "rows": rows, "markdown": markdown(rows, args),
-            "environment": harness.finish(env)}
-  harness.write_json(args.out, result)
+  command = harness.command(MODULE, argv)
+  old = harness.read_json(args.out, {})
+  rows = dict(old.get("rows", {})) if old.get("command") == command else {}
+  result = {"command": command, "config": vars(args), "rows": rows,
+            "environment": env}
+
+  def save():  # after every cell: an interrupted run resumes from here
+    result.update(markdown=markdown(rows, args),
+                  environment=harness.finish(env))
+    harness.write_json(args.out, result)
+
+  measure(args, lambda s: print(s, flush=True), rows, save)
+  save()
   print(result["markdown"])
   if not args.quick:
     harness.write_section("sharded_memory", (
