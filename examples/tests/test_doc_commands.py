@@ -7,8 +7,12 @@ command is checked by its kind:
 * ``python -m MODULE ARGS``: MODULE is imported and ``MODULE.parse_args(ARGS)``
   must accept ARGS (every runnable module exposes ``parse_args(argv=None)``).
   For ``python -m examples.lm.train ARGS`` also ``main(ARGS + ["--dry-run"])``
-  runs: it builds the model and the optimizer state abstractly, without
-  data, compilation or output files.
+  runs: it builds the model, the optimizer state and the train steps
+  abstractly, without data or output files. Here the steps are traced
+  (``jax.eval_shape``), not compiled, to keep the test fast
+  (test_lm_mesh.py checks the compiled memory of the tiny run); a command
+  whose ``--mesh`` needs more devices than this process simulates (8) is
+  only parsed.
 * ``python -m pytest ARGS``: the paths among ARGS exist.
 * Environment setup (``python3.11 -m venv``, ``. .venv/bin/activate``,
   ``pip install ...``) is not run here: CI's ``.ci/run`` installs the
@@ -23,11 +27,13 @@ The python blocks run in tests/test_docs.py.
 import contextlib
 import importlib
 import io
+import math
 import pathlib
 import re
 import shlex
 import tomllib
 
+import jax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -101,8 +107,18 @@ def parse(module, args):
   return True
 
 
+def traced_memory(cfg, model_cfg):
+  """``train.step_memory`` traced instead of compiled (no sizes)."""
+  from examples.lm import train   # pylint: disable=g-import-not-at-top
+  prog = train.build(cfg, model_cfg)
+  inputs = train.abstract_inputs(cfg, prog, model_cfg)
+  for step in prog.train_steps.values():
+    jax.eval_shape(step, *inputs)
+  return {}
+
+
 @pytest.mark.parametrize("command", COMMANDS, ids=command_id)
-def test_command(command):
+def test_command(command, monkeypatch):
   _, _, words = command
   if any(tuple(words[:len(s)]) == s for s in SETUP):
     check_setup(words)
@@ -115,7 +131,9 @@ def test_command(command):
     check_pytest(args)
     return
   module = importlib.import_module(name)
-  if parse(module, args) and name in DRY_RUN:
+  if (parse(module, args) and name in DRY_RUN and math.prod(
+      module.parse_args(args).mesh_shape.values()) <= jax.device_count()):
+    monkeypatch.setattr(module, "step_memory", traced_memory)
     with contextlib.redirect_stdout(io.StringIO()) as out:
       module.main(args + ["--dry-run"])
     assert "params:" in out.getvalue()

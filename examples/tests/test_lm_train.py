@@ -183,7 +183,7 @@ def test_sophia_steps_on_devices_match_one_device(inputs, programs):
   one = programs("sophia_bc").train_steps[True]
   many = build_once(dataclasses.replace(cfg, optimizer="sophia_bc",
                                         devices=4), model_cfg)
-  assert many.mesh.shape == {"data": 4}
+  assert many.mesh.shape == {"data": 4, "fsdp": 1}
   state_one = programs("sophia_bc").restart(fresh(params))
   state_many = many.restart(fresh(params))
   for step in (1, 2, 3):
@@ -233,8 +233,8 @@ def test_build_reads_no_field_marked_not_compiled(inputs):
     jax.eval_shape(step, state, windows[1], KEY)
   jax.eval_shape(prog.eval_step, params, windows[1][None])
   assert recorder.read & config_lib.NOT_COMPILED == set()
-  assert {"optimizer", "cross_fit", "averages", "devices", "lr",
-          "fast_compile"} <= recorder.read
+  assert {"optimizer", "cross_fit", "averages", "mesh_shape", "lr",
+          "fast_compile", "microbatch_mode", "grad_dtype"} <= recorder.read
 
 
 # ----------------------------------------------------------------------------
@@ -418,10 +418,13 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(
   assert resumed["final_eval_loss"] == full["final_eval_loss"]
 
 
-def test_dry_run_prints_the_qwen_count(capsys, tmp_path):
+def test_dry_run_prints_the_qwen_count(capsys, tmp_path, monkeypatch):
+  # Only the sizes: compiling the 0.5B step's memory is test_lm_mesh's job
+  # on the tiny run.
+  monkeypatch.setattr(train, "step_memory", lambda cfg, model_cfg: {})
   summary = train.main(["--dry-run", "--preset", "qwen2.5-0.5b",
                         "--vocab-size", "151936", "--optimizer", "adamw",
                         "--out", str(tmp_path / "run")])
   assert "params: 494032768" in capsys.readouterr().out.splitlines()
-  assert summary == {"params": 494032768}
+  assert summary == {"params": 494032768, "memory": {}}
   assert not (tmp_path / "run").exists()
