@@ -512,6 +512,8 @@ def main(argv=None) -> dict | None:
   argv = sys.argv[1:] if argv is None else list(argv)
   cfg = parse_args(argv)
   config_lib.validate_processes(cfg)
+  if cfg.dry_run:   # on this process's (possibly simulated) devices only
+    return dry_run(cfg)
   if cfg.coordinator is not None:
     # CPU processes exchange collectives through gloo (accelerators use
     # their own; the setting only concerns the CPU backend).
@@ -520,8 +522,6 @@ def main(argv=None) -> dict | None:
                                cfg.process_id)
   elif cfg.distributed:
     jax.distributed.initialize()
-  if cfg.dry_run:
-    return dry_run(cfg)
   config_lib.validate(cfg)
   corpus = load_corpus(cfg)
   model_cfg = config_lib.model_config(cfg, cfg.vocab_size or corpus.vocab_size)

@@ -1,6 +1,6 @@
 """Every command of the ```bash blocks in README.md and docs/*.md parses.
 
-A block line is split at ``&&``; backslash continuations are joined, ``#``
+A block line is split at ``&&`` (outside quotes); backslash continuations are joined, ``#``
 comments dropped and leading ``VAR=value`` assignments set aside. Then each
 command is checked by its kind:
 
@@ -14,6 +14,9 @@ command is checked by its kind:
   whose ``--mesh`` needs more devices than this process simulates (8) is
   only parsed.
 * ``python -m pytest ARGS``: the paths among ARGS exist.
+* Launchers for clusters, which cannot run here: ``gcloud ... --command=CMD``
+  and ``srun [OPTIONS] python ...`` are checked through the command they
+  start (``CMD`` split at ``&&``, where ``cd DIR`` is allowed).
 * Environment setup (``python3.11 -m venv``, ``. .venv/bin/activate``,
   ``pip install ...``) is not run here: CI's ``.ci/run`` installs the
   project from scratch into a fresh virtualenv and runs the test command.
@@ -44,6 +47,17 @@ SETUP = (("python3.11", "-m", "venv"), ("python3", "-m", "venv"),
 DRY_RUN = {"examples.lm.train"}
 
 
+def split_and(words: list[str]) -> list[list[str]]:
+  """A command line's words as the commands joined by ``&&``."""
+  parts = [[]]
+  for word in words:
+    if word == "&&":
+      parts.append([])
+    else:
+      parts[-1].append(word)
+  return parts
+
+
 def commands(page: pathlib.Path):
   """``(line, words)`` of every command in the ```bash blocks of ``page``."""
   text = page.read_text()
@@ -52,8 +66,7 @@ def commands(page: pathlib.Path):
     first = text.count("\n", 0, block.start()) + 2
     body = block.group(1).replace("\\\n", " ")
     for offset, line in enumerate(body.splitlines()):
-      for part in line.split("&&"):
-        words = shlex.split(part, comments=True)
+      for words in split_and(shlex.split(line, comments=True)):
         while words and re.fullmatch(r"[A-Za-z_]\w*=\S*", words[0]):
           words = words[1:]
         if words:
@@ -117,9 +130,21 @@ def traced_memory(cfg, model_cfg):
   return {}
 
 
+def launched(words):
+  """The commands a cluster launcher line starts (``gcloud``, ``srun``)."""
+  if words[0] == "srun":
+    return [words[words.index("python"):]]
+  (cmd,) = [w.split("=", 1)[1] for w in words if w.startswith("--command=")]
+  return [part for part in split_and(shlex.split(cmd)) if part[0] != "cd"]
+
+
 @pytest.mark.parametrize("command", COMMANDS, ids=command_id)
 def test_command(command, monkeypatch):
-  _, _, words = command
+  page, line, words = command
+  if words[0] in ("gcloud", "srun"):
+    for inner in launched(words):
+      test_command((page, line, inner), monkeypatch)
+    return
   if any(tuple(words[:len(s)]) == s for s in SETUP):
     check_setup(words)
     return

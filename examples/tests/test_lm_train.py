@@ -316,12 +316,16 @@ def test_averages_read_out_without_changing_training(runs):
   plain_out, plain = runs("plain")
   out, summary = runs("averaged")
   got, ref = metrics(out), metrics(plain_out)
-  # Bitwise with --fast-compile; under full XLA optimisation the extra
-  # averaging ops change the fusion of the step and the last bits of the
-  # parameters (benchmarks/finetune_averaging.py measures it).
-  assert [r["train_loss"] for r in got] == [r["train_loss"] for r in ref]
-  assert [r.get("val_loss") for r in got] == [r.get("val_loss") for r in ref]
-  assert summary["final_eval_loss"] == plain["final_eval_loss"]
+  # Equal to float rounding: the extra averaging ops change XLA's fusion of
+  # the step and the last bits of the parameters (1e-7 of the loss from
+  # step 3 on here; benchmarks/finetune_averaging.py measures it).
+  same = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6)
+  same([r["train_loss"] for r in got], [r["train_loss"] for r in ref])
+  assert [r["step"] for r in got if "val_loss" in r] == [
+      r["step"] for r in ref if "val_loss" in r]
+  same([r["val_loss"] for r in got if "val_loss" in r],
+       [r["val_loss"] for r in ref if "val_loss" in r])
+  same(summary["final_eval_loss"], plain["final_eval_loss"])
   assert summary["config"]["args"]["average"] == "ema,bema"   # chain order
   step4, step8 = [r for r in got if "val_loss" in r]
   assert step8["step"] == STEPS and "val_loss_avg" not in step8
