@@ -369,9 +369,9 @@ def validate_mesh(cfg: Config) -> None:
   """The mesh against the devices, the batch and the model's shapes.
 
   Raises:
-    ValueError: --devices with --mesh, more devices than there are, a data
-      size not dividing M, or an fsdp size not dividing B or a sharded
-      parameter dimension.
+    ValueError: --devices with --mesh, more devices than there are (or, with
+      several processes, fewer), a data size not dividing M, or an fsdp
+      size not dividing B or a sharded parameter dimension.
   """
   if cfg.mesh is not None and cfg.devices != 1:
     raise ValueError("--devices D is short for --mesh data=D; give one")
@@ -381,6 +381,10 @@ def validate_mesh(cfg: Config) -> None:
         f"{name}: {shape['data'] * shape['fsdp']} devices, only "
         f"{jax.device_count()} here (on CPU set XLA_FLAGS="
         "--xla_force_host_platform_device_count=N before starting Python)")
+  if jax.process_count() > 1 and (
+      shape["data"] * shape["fsdp"] != jax.device_count()):
+    raise ValueError(f"{name}: with several processes the mesh spans all "
+                     f"{jax.device_count()} devices")
   if cfg.microbatches % shape["data"]:
     raise ValueError(f"{name}: data={shape['data']} must divide "
                      f"--microbatches {cfg.microbatches}")
