@@ -107,9 +107,9 @@ def train_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
   logits_fn, loss_fn = model_lib.make_loss_fns(model_cfg)
   step, params = state["step"] + 1, state["params"]
   step_key = jax.random.fold_in(key, step)
-  specs = model_lib.partition_specs(model_cfg)
-  stacked = lambda lead: jax.tree.map(
-      lambda s: jax.NamedSharding(mesh, jax.P(*lead, *s)), specs,
+  stacked = jax.tree.map(   # of per-microbatch trees: M over data
+      lambda s: jax.NamedSharding(mesh, jax.P(DATA, *s)),
+      model_lib.partition_specs(model_cfg),
       is_leaf=lambda s: isinstance(s, jax.P))
   windows_MxBxT1 = jax.lax.with_sharding_constraint(
       windows_MxBxT1, jax.NamedSharding(mesh, jax.P(DATA, FSDP)))
@@ -127,7 +127,7 @@ def train_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
   out = per_microbatch(lambda xs: microbatch(*xs),
                        (windows_MxBxT1, jnp.arange(m)), mode=mode,
                        data=mesh.shape[DATA])
-  extra = {k: jax.lax.with_sharding_constraint(out[k], stacked([DATA]))
+  extra = {k: jax.lax.with_sharding_constraint(out[k], stacked)
            for k in ("grads", "curvature") if k in out}
   grads = extra.pop("grads")
   updates, opt_state = tx.update(grads, state["opt_state"], params, **extra)
