@@ -41,10 +41,10 @@ FIRST = [("adamw_bc", 8, "scan", "float32", "data=8"),
          ("adamw_bc", 32, "vmap", "float32", "data=8"),
          ("adamw_bc", 32, "scan", "bfloat16", "data=8"),
          ("adamw_bc", 8, "scan", "float32", "data=8,fsdp=8"),
-         ("adamw_bc", 8, "scan", "float32", "data=1"),
-         ("adamw_bc", 8, "vmap", "float32", "data=1"),
          ("adamw", 32, "scan", "float32", "data=8"),
-         ("adamw", 32, "vmap", "float32", "data=8")]
+         ("adamw", 32, "vmap", "float32", "data=8"),
+         ("adamw_bc", 8, "scan", "float32", "data=1"),
+         ("adamw_bc", 8, "vmap", "float32", "data=1")]
 
 
 def cells():
