@@ -95,7 +95,7 @@ def restore(mngr: ocp.CheckpointManager, like: dict) -> dict:
 
 def start(cfg: config_lib.Config, mngr: ocp.CheckpointManager,
           model_cfg: model_lib.Config, *, init, restart,
-          sharding: jax.sharding.Sharding) -> tuple[dict, float, dict | None]:
+          shardings: dict) -> tuple[dict, float, dict | None]:
   """A run's first state: new, from ``--init-from``, or resumed.
 
   Args:
@@ -104,7 +104,7 @@ def start(cfg: config_lib.Config, mngr: ocp.CheckpointManager,
     model_cfg: the run's model.
     init: ``key -> state``, a new state (``train.Program.init``).
     restart: ``params -> state`` at step 0 (``train.Program.restart``).
-    sharding: where the state lives.
+    shardings: where the state lives (``train.Program.shardings``).
 
   Returns:
     ``(state, wall_s, init_from)``: the train state, the wall seconds of
@@ -113,7 +113,7 @@ def start(cfg: config_lib.Config, mngr: ocp.CheckpointManager,
   """
   resuming = cfg.resume and mngr.latest_step() is not None
   if cfg.init_from is not None and not resuming:
-    params, step = load_params(cfg.init_from, model_cfg, sharding)
+    params, step = load_params(cfg.init_from, model_cfg, shardings["params"])
     print(f"initialised from the parameters of step {step} in "
           f"{cfg.init_from}")
     return restart(params), 0.0, {"dir": cfg.init_from, "step": step}
@@ -122,17 +122,20 @@ def start(cfg: config_lib.Config, mngr: ocp.CheckpointManager,
   state = init(jax.random.key(cfg.seed))
   if not resuming:
     return state, 0.0, init_from
-  state = restore(mngr, {**state, "wall_s": jax.device_put(np.float32(0.0),
-                                                            sharding)})
+  state = restore(mngr, {**state, "wall_s": jax.ShapeDtypeStruct(
+      (), np.float32, sharding=shardings["step"])})
   print(f"resumed from step {int(state['step'])} in "
         f"{pathlib.Path(cfg.out) / 'checkpoints'}")
   return state, float(state.pop("wall_s")), init_from
 
 
-def _with_sharding(abstract, sharding: jax.sharding.Sharding):
+def _with_sharding(abstract, sharding):
+  """``abstract`` with one sharding, or a tree of them, on its leaves."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, abstract)
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      abstract)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract, sharding)
 
 
 def _check_same_model(run_dir: pathlib.Path,
@@ -157,7 +160,7 @@ def _check_same_model(run_dir: pathlib.Path,
 
 
 def load_params(run_dir: pathlib.Path | str, model_cfg: model_lib.Config,
-                sharding: jax.sharding.Sharding) -> tuple[dict, int]:
+                sharding) -> tuple[dict, int]:
   """``--init-from``: the parameters of a run's latest checkpoint.
 
   Restores only the ``params`` of the checkpoint (a partial restore), as
@@ -167,7 +170,7 @@ def load_params(run_dir: pathlib.Path | str, model_cfg: model_lib.Config,
   Args:
     run_dir: the ``--out`` of the earlier run.
     model_cfg: this run's model.
-    sharding: where the parameters go.
+    sharding: where the parameters go (one sharding or a tree of them).
 
   Returns:
     ``(params, step)``: a parameter dict and the checkpoint's step.

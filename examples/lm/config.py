@@ -21,6 +21,7 @@ import typing
 from typing import Literal
 
 import jax
+from flax import nnx
 
 from examples.lm import data as data_lib
 from examples.lm import model as model_lib
@@ -46,6 +47,23 @@ def average_list(value: str) -> str:
         f"{value!r}: expected none or a comma-separated list of "
         f"{', '.join(optimizer_lib.AVERAGES)}")
   return ",".join(a for a in optimizer_lib.AVERAGES if a in names)
+
+
+MESH_AXES = ("data", "fsdp")   # --mesh: microbatches, parameter shards
+
+
+def mesh_spec(value: str) -> str:
+  """``--mesh``: ``data=D[,fsdp=F]`` (positive sizes), put in that order."""
+  sizes = {}
+  for item in value.split(","):
+    name, sep, size = item.strip().partition("=")
+    if (not sep or name not in MESH_AXES or name in sizes
+        or not size.isdigit() or int(size) < 1):
+      raise argparse.ArgumentTypeError(
+          f"{value!r}: expected data=D[,fsdp=F] with positive sizes, each "
+          "axis once")
+    sizes[name] = int(size)
+  return ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if a in sizes)
 
 
 def flag(default, help_text: str, *, resumable: bool = False,
@@ -165,12 +183,24 @@ class Config:
   stop_at: int | None = flag(
       None, "end after this step with a checkpoint (as a preemption would)",
       resumable=True, compiled=False)
-  devices: int = flag(1, "data-parallel devices (must divide --microbatches)",
-                      resumable=True)
+  devices: int = flag(1, "shorthand for --mesh data=D", resumable=True)
+  mesh: str | None = flag(
+      None, "device mesh data=D[,fsdp=F]: the M microbatches split over "
+      "data (D divides M), the parameters, optimizer state and each "
+      "microbatch's B sequences over fsdp (default: data=--devices)",
+      resumable=True, parse=mesh_spec, metavar="data=D[,fsdp=F]")
+  microbatch_mode: Literal["vmap", "scan"] = flag(
+      "vmap", "microbatch gradients all at once (vmap) or one after another "
+      "on each device (scan: one microbatch's activations live)",
+      resumable=True)
+  grad_dtype: Literal["float32", "bfloat16"] = flag(
+      "float32", "dtype the stacked microbatch gradients are stored in "
+      "(statistics are accumulated in float32)")
   out: str = flag("runs/lm", "output directory", resumable=True,
                   compiled=False)
   dry_run: bool = flag(
-      False, "print the parameter count (abstractly) and exit",
+      False, "print the parameter count and the train step's per-device "
+      "memory (compiled abstractly, nothing allocated) and exit",
       resumable=True, compiled=False)
   progress: Literal["auto", "on", "off"] = flag(
       "auto", "tqdm progress bar (auto: when stderr is a terminal)",
@@ -179,8 +209,30 @@ class Config:
       False, "lower XLA's CPU optimisation: compiles ~2x faster, steps run "
       "slower (smoke tests, debugging)", resumable=True)
   distributed: bool = flag(
-      False, "call jax.distributed.initialize() first (multi-host)",
+      False, "call jax.distributed.initialize() first, detecting the cluster "
+      "(Cloud TPU, Slurm, Open MPI)", resumable=True, compiled=False)
+  coordinator: str | None = flag(
+      None, "multi-process: process 0's HOST:PORT for "
+      "jax.distributed.initialize (with --num-processes, --process-id)",
+      resumable=True, compiled=False, metavar="HOST:PORT")
+  num_processes: int | None = flag(
+      None, "multi-process: number of processes", resumable=True,
+      compiled=False)
+  process_id: int | None = flag(
+      None, "multi-process: this process's index, 0 to P - 1",
       resumable=True, compiled=False)
+
+  @property
+  def mesh_shape(self) -> dict[str, int]:
+    """``{"data": D, "fsdp": F}`` of ``--mesh`` (or ``--devices``)."""
+    sizes = dict(item.split("=") for item in
+                 (self.mesh or f"data={self.devices}").split(","))
+    return {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+
+  @property
+  def mesh_name(self) -> str:
+    """The mesh as ``data=D,fsdp=F``."""
+    return ",".join(f"{a}={n}" for a, n in self.mesh_shape.items())
 
   @property
   def averages(self) -> tuple[str, ...]:
@@ -298,12 +350,55 @@ def validate(cfg: Config) -> None:
   if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.steps:
     raise ValueError(f"--stop-at must be in [1, --steps={cfg.steps}], "
                      f"got {cfg.stop_at}")
-  if cfg.devices > jax.device_count():
-    raise ValueError(
-        f"--devices {cfg.devices}: only {jax.device_count()} devices "
-        "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N "
-        "before starting Python)")
-  if cfg.microbatches % cfg.devices:
-    raise ValueError(f"--devices {cfg.devices} must divide --microbatches "
-                     f"{cfg.microbatches}")
+  validate_processes(cfg)
+  validate_mesh(cfg)
   optimizer_lib.validate(cfg)
+
+
+def validate_processes(cfg: Config) -> None:
+  """Raises ValueError for incomplete or conflicting multi-process flags."""
+  processes = (cfg.coordinator, cfg.num_processes, cfg.process_id)
+  if any(v is not None for v in processes) and (
+      None in processes or cfg.distributed):
+    raise ValueError("multi-process: give all of --coordinator, "
+                     "--num-processes and --process-id (or --distributed "
+                     "alone)")
+
+
+def validate_mesh(cfg: Config) -> None:
+  """The mesh against the devices, the batch and the model's shapes.
+
+  Raises:
+    ValueError: --devices with --mesh, more devices than there are (or, with
+      several processes, fewer), a data size not dividing M, or an fsdp
+      size not dividing B or a sharded parameter dimension.
+  """
+  if cfg.mesh is not None and cfg.devices != 1:
+    raise ValueError("--devices D is short for --mesh data=D; give one")
+  shape, name = cfg.mesh_shape, f"--mesh {cfg.mesh_name}"
+  if shape["data"] * shape["fsdp"] > jax.device_count():
+    raise ValueError(
+        f"{name}: {shape['data'] * shape['fsdp']} devices, only "
+        f"{jax.device_count()} here (on CPU set XLA_FLAGS="
+        "--xla_force_host_platform_device_count=N before starting Python)")
+  if jax.process_count() > 1 and (
+      shape["data"] * shape["fsdp"] != jax.device_count()):
+    raise ValueError(f"{name}: with several processes the mesh spans all "
+                     f"{jax.device_count()} devices")
+  if cfg.microbatches % shape["data"]:
+    raise ValueError(f"{name}: data={shape['data']} must divide "
+                     f"--microbatches {cfg.microbatches}")
+  if cfg.microbatch_size % shape["fsdp"]:
+    raise ValueError(f"{name}: fsdp={shape['fsdp']} must divide "
+                     f"--microbatch-size {cfg.microbatch_size}")
+  model_cfg = model_config(cfg, cfg.vocab_size or data_lib.BYTE_VOCAB)
+  specs = model_lib.partition_specs(model_cfg)
+  for (path, x), spec in zip(
+      jax.tree.leaves_with_path(
+          nnx.to_pure_dict(model_lib.abstract_params(model_cfg))),
+      jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.P))):
+    for size, axis in zip(x.shape, spec):
+      if axis is not None and size % shape[axis]:
+        raise ValueError(
+            f"{name}: fsdp={shape['fsdp']} must divide dimension {size} of "
+            f"the parameter {jax.tree_util.keystr(path)}")

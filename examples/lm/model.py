@@ -9,6 +9,13 @@ of a parameter dict (for ``jax.vmap``/``jax.grad`` over microbatches). With
 ``PRESETS["qwen2.5-0.5b"]`` and ``vocab_size=151936`` the parameter count is
 Qwen2.5-0.5B's, 494,032,768.
 
+Sharding: every matrix carries a Flax partitioning annotation that splits
+its model-width dimension (D; the vocabulary of the embedding) over the mesh
+axis ``FSDP``; vectors (biases, norm scales) are replicated.
+``partition_specs(cfg)`` reads them back as ``jax.P`` per parameter. The
+annotations are metadata only (no eager sharding), so the model is built
+anywhere and placed by ``jit``'s shardings.
+
 Shape suffixes: B batch, T sequence, D model width, H query heads, K key/value
 heads, E head width, F MLP width, V vocabulary.
 """
@@ -16,11 +23,21 @@ heads, E head width, F MLP width, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+
+FSDP = "fsdp"   # mesh axis of the parameters (and optimizer state) shards
+
+
+def sharded(std: float, spec: Sequence[str | None]):
+  """A normal(std) initializer annotated with the partitioning ``spec``."""
+  return nnx.with_partitioning(nnx.initializers.normal(std), tuple(spec),
+                               eager_sharding=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +101,8 @@ class Attention(nnx.Module):
   """Causal grouped-query self-attention with RoPE."""
 
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-    init = nnx.initializers.normal(cfg.init_std)
+    init = sharded(cfg.init_std, (FSDP, None))       # (D, out): D sharded
+    init_out = sharded(cfg.init_std, (None, FSDP))   # (in, D)
     e = cfg.head_width
     self.num_heads, self.num_kv_heads, self.head_dim = (
         cfg.num_heads, cfg.num_kv_heads, e)
@@ -96,7 +114,7 @@ class Attention(nnx.Module):
     self.v_proj = nnx.Linear(cfg.d_model, cfg.num_kv_heads * e,
                              kernel_init=init, rngs=rngs)
     self.o_proj = nnx.Linear(cfg.num_heads * e, cfg.d_model, use_bias=False,
-                             kernel_init=init, rngs=rngs)
+                             kernel_init=init_out, rngs=rngs)
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     b, t, _ = x_BxTxD.shape
@@ -117,13 +135,15 @@ class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-    init = nnx.initializers.normal(cfg.init_std)
+    init = sharded(cfg.init_std, (FSDP, None))
     self.gate_proj = nnx.Linear(cfg.d_model, cfg.d_ff, use_bias=False,
                                 kernel_init=init, rngs=rngs)
     self.up_proj = nnx.Linear(cfg.d_model, cfg.d_ff, use_bias=False,
                               kernel_init=init, rngs=rngs)
     self.down_proj = nnx.Linear(cfg.d_ff, cfg.d_model, use_bias=False,
-                                kernel_init=init, rngs=rngs)
+                                kernel_init=sharded(cfg.init_std,
+                                                    (None, FSDP)),
+                                rngs=rngs)
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     return self.down_proj(nnx.silu(self.gate_proj(x_BxTxD))
@@ -150,7 +170,7 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
     cfg.validate()
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model,
-                           embedding_init=nnx.initializers.normal(cfg.init_std),
+                           embedding_init=sharded(cfg.init_std, (FSDP, None)),
                            rngs=rngs)
     self.layers = nnx.List([Block(cfg, rngs=rngs)
                             for _ in range(cfg.num_layers)])
@@ -173,6 +193,11 @@ def abstract_params(cfg: Config):
   """The parameter tree as ShapeDtypeStructs, without allocating it."""
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   return nnx.state(model, nnx.Param)
+
+
+def partition_specs(cfg: Config) -> dict:
+  """The parameter dict's ``jax.P`` per leaf, from the model's annotations."""
+  return nnx.to_pure_dict(nnx.get_partition_spec(abstract_params(cfg)))
 
 
 def make_loss_fns(cfg: Config):

@@ -3,12 +3,15 @@
     python -m examples.lm.train --optimizer adamw_bc --steps 1000
 
 One pure jitted train step with donated state: per-microbatch gradients by
-``jax.vmap`` (and, on Sophia's refresh steps, per-microbatch GNB curvature),
-then optimizer.py's chain. ``--devices D`` runs it in ``jax.shard_map`` over
-a 1-D mesh ``("data",)`` with the optimizer's ``axis_name="data"``. Batches
-are a pure function of ``(seed, step)``, so ``--resume`` reproduces the
-uninterrupted run exactly on CPU. Flags, outputs and interruptions:
-docs/lm_example.md.
+``jax.vmap`` or, with ``--microbatch-mode scan``, one microbatch after another
+(and, on Sophia's refresh steps, per-microbatch GNB curvature), then
+optimizer.py's chain. The step is jitted on a ``("data", "fsdp")`` mesh
+(``--mesh``): the microbatch axis of the batch and of the stacked gradients is
+sharded over ``data``, the parameters and optimizer state over ``fsdp``, and
+XLA's partitioner inserts the collectives. Batches are a pure function of
+``(seed, step)``, so ``--resume`` reproduces the uninterrupted run exactly on
+CPU; every process feeds only its own shards of them. Flags, outputs and
+interruptions: docs/lm_example.md; meshes and processes: docs/scale_out.md.
 
 API: ``main(argv) -> summary dict`` (None after ``--stop-at``);
 ``parse_args(argv) -> config.Config``; ``build(cfg, model_cfg) -> Program``
@@ -46,7 +49,7 @@ from examples.lm import model as model_lib
 from examples.lm import optimizer as optimizer_lib
 from examples.lm import plot as plot_lib
 
-AXIS = "data"   # mesh axis (and bcopt axis_name) of the microbatches
+DATA, FSDP = config_lib.MESH_AXES   # mesh axes: microbatches, shards
 Config = config_lib.Config
 
 
@@ -56,22 +59,44 @@ def parse_args(argv=None) -> Config:
                           description=__doc__.split("\n")[0])
 
 
+def per_microbatch(fn: Callable, xs, *, mode: str, data: int):
+  """``jax.vmap(fn)`` over the leading M axis of ``xs``, all at once or not.
+
+  ``mode="scan"`` runs ``jax.lax.map`` over each data shard's M / D
+  microbatches (step k computes the k-th microbatch of every shard at once),
+  so one microbatch per device is live. The M axis is split as
+  ``(D, M / D)``, which keeps every shard's microbatches on its device, and
+  merged back in the same order: the scan never slices a sharded axis.
+  """
+  if mode == "vmap":
+    return jax.vmap(fn)(xs)
+  split = lambda x: jnp.swapaxes(x.reshape(data, -1, *x.shape[1:]), 0, 1)
+  merge = lambda y: jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:])
+  return jax.tree.map(merge, jax.lax.map(jax.vmap(fn),
+                                         jax.tree.map(split, xs)))
+
+
 def train_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
                tx: optax.GradientTransformation, model_cfg: model_lib.Config,
-               axis_name: str | None, refresh: bool) -> tuple[dict, jax.Array]:
+               mesh: jax.sharding.Mesh, mode: str, grad_dtype: str,
+               refresh: bool) -> tuple[dict, jax.Array]:
   """One optimizer step on M microbatches of B windows of T + 1 tokens.
 
-  Under ``shard_map`` (``axis_name`` set) each device holds its M / D
-  microbatches, and the Sophia labels of global microbatch ``j`` are drawn
-  with ``fold_in(fold_in(key, step), j)`` on every device count.
+  Jitted on ``mesh``: the M axis of the windows and of the stacked
+  gradients is sharded over ``data``, each microbatch's B windows over
+  ``fsdp``, the gradients' parameter dimensions like the parameters.
+  Sophia's labels of microbatch ``j`` are drawn with
+  ``fold_in(fold_in(key, step), j)``, on every mesh.
 
   Args:
     state: ``{"params", "opt_state", "step"}`` (``step``: int32 steps done).
-    windows_MxBxT1: int32 token windows (this device's microbatches).
+    windows_MxBxT1: int32 token windows.
     key: the run's PRNG key.
-    tx: ``optimizer.make(cfg, axis_name)``.
+    tx: ``optimizer.make(cfg)``.
     model_cfg: the model.
-    axis_name: the mesh axis of the microbatches, or None on one device.
+    mesh: the ``(data, fsdp)`` mesh.
+    mode: ``"vmap"`` or ``"scan"`` (``per_microbatch``).
+    grad_dtype: dtype of the stacked microbatch gradients.
     refresh: a Sophia curvature-refresh step (GNB curvature is computed and
       passed to ``tx`` as ``curvature``).
 
@@ -81,28 +106,33 @@ def train_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
   """
   logits_fn, loss_fn = model_lib.make_loss_fns(model_cfg)
   step, params = state["step"] + 1, state["params"]
-  # The replicated params are cast to device-varying before differentiating:
-  # the gradient of a replicated input would otherwise be summed over the
-  # devices, mixing their microbatches.
-  local = (params if axis_name is None
-           else jax.lax.pcast(params, axis_name, to="varying"))
-  loss_M, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(
-      local, windows_MxBxT1)
-  extra = {}
-  if refresh:   # Sophia: GNB curvature of every microbatch
-    m_local = windows_MxBxT1.shape[0]
-    first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * m_local
-    step_key = jax.random.fold_in(key, step)
-    keys = jax.vmap(lambda j: jax.random.fold_in(step_key, first + j))(
-        jnp.arange(m_local))
-    extra["curvature"] = jax.vmap(bcopt.gnb_diag, in_axes=(None, None, 0, 0))(
-        logits_fn, local, windows_MxBxT1[..., :-1], keys)
+  step_key = jax.random.fold_in(key, step)
+  stacked = jax.tree.map(   # of per-microbatch trees: M over data
+      lambda s: jax.NamedSharding(mesh, jax.P(DATA, *s)),
+      model_lib.partition_specs(model_cfg),
+      is_leaf=lambda s: isinstance(s, jax.P))
+  windows_MxBxT1 = jax.lax.with_sharding_constraint(
+      windows_MxBxT1, jax.NamedSharding(mesh, jax.P(DATA, FSDP)))
+
+  def microbatch(windows_BxT1, j):
+    loss, grads = jax.value_and_grad(loss_fn)(params, windows_BxT1)
+    out = {"loss": loss, "grads": jax.tree.map(
+        lambda g: g.astype(grad_dtype), grads)}
+    if refresh:   # Sophia: GNB curvature of the microbatch
+      out["curvature"] = bcopt.gnb_diag(logits_fn, params, windows_BxT1[:, :-1],
+                                        jax.random.fold_in(step_key, j))
+    return out
+
+  m = windows_MxBxT1.shape[0]
+  out = per_microbatch(lambda xs: microbatch(*xs),
+                       (windows_MxBxT1, jnp.arange(m)), mode=mode,
+                       data=mesh.shape[DATA])
+  extra = {k: jax.lax.with_sharding_constraint(out[k], stacked)
+           for k in ("grads", "curvature") if k in out}
+  grads = extra.pop("grads")
   updates, opt_state = tx.update(grads, state["opt_state"], params, **extra)
-  loss = loss_M.mean()
-  if axis_name is not None:
-    loss = jax.lax.pmean(loss, axis_name)
   return {"params": optax.apply_updates(params, updates),
-          "opt_state": opt_state, "step": step}, loss
+          "opt_state": opt_state, "step": step}, out["loss"].mean()
 
 
 def eval_step(params, windows_NxMxBxT1: jax.Array, *,
@@ -127,13 +157,39 @@ def eval_step(params, windows_NxMxBxT1: jax.Array, *,
 class Program(NamedTuple):
   """The jitted functions of a run (``build``)."""
 
-  mesh: jax.sharding.Mesh | None     # 1-D ("data",) for --devices > 1
-  replicated: jax.sharding.Sharding  # of the train state
-  tx: optax.GradientTransformation   # optimizer.make(cfg, axis_name)
+  mesh: jax.sharding.Mesh            # ("data", "fsdp") of --mesh
+  replicated: jax.sharding.Sharding  # of scalars (step, key, wall time)
+  shardings: dict        # of the train state {"params", "opt_state", "step"}
+  tx: optax.GradientTransformation   # optimizer.make(cfg)
   init: Callable         # key -> state {"params", "opt_state", "step"}
   restart: Callable      # params -> that state at step 0 (--init-from)
   train_steps: dict      # {refresh: (state, windows, key) -> (state, loss)}
   eval_step: Callable    # (params, windows_NxMxBxT1) -> mean loss
+
+
+def state_shardings(tx: optax.GradientTransformation, params,
+                    param_shardings, replicated: jax.sharding.Sharding
+                    ) -> dict:
+  """Shardings of the train state: optimizer state leaves like parameters.
+
+  A leaf of the optimizer state whose path ends with a parameter's path and
+  has its shape (moments, averages) takes that parameter's sharding; any
+  other leaf (counts, Shampoo's factors) is replicated.
+  """
+  by_path = {path: (x.shape, sharding) for (path, x), sharding in zip(
+      jax.tree.leaves_with_path(params), jax.tree.leaves(param_shardings))}
+
+  def like_param(path, x):
+    for k in range(len(path)):
+      shape, sharding = by_path.get(path[k:], (None, None))
+      if shape == x.shape:
+        return sharding
+    return replicated
+
+  return {"params": param_shardings,
+          "opt_state": jax.tree.map_with_path(
+              like_param, jax.eval_shape(tx.init, params)),
+          "step": replicated}
 
 
 def build(cfg: Config, model_cfg: model_lib.Config) -> Program:
@@ -147,14 +203,18 @@ def build(cfg: Config, model_cfg: model_lib.Config) -> Program:
     A ``Program``: the train steps (state donated; their ``key`` is the
     run's, ``jax.random.key(seed)``), the eval step, ``init``/``restart``.
   """
-  mesh, axis_name = None, None
-  replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  if cfg.devices > 1:
-    mesh = jax.make_mesh((cfg.devices,), (AXIS,),
-                         axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:cfg.devices])
-    axis_name, replicated = AXIS, jax.NamedSharding(mesh, jax.P())
-  tx = optimizer_lib.make(cfg, axis_name)
+  shape = cfg.mesh_shape
+  mesh = jax.make_mesh(
+      (shape[DATA], shape[FSDP]), (DATA, FSDP),
+      axis_types=(jax.sharding.AxisType.Auto,) * 2,
+      devices=jax.devices()[:shape[DATA] * shape[FSDP]])
+  replicated = jax.NamedSharding(mesh, jax.P())
+  tx = optimizer_lib.make(cfg)
+  params = nnx.to_pure_dict(model_lib.abstract_params(model_cfg))
+  shardings = state_shardings(tx, params, jax.tree.map(
+      lambda s: jax.NamedSharding(mesh, s),
+      model_lib.partition_specs(model_cfg),
+      is_leaf=lambda s: isinstance(s, jax.P)), replicated)
   # --fast-compile: less LLVM optimisation and XLA CPU's simpler (legacy)
   # fusion emitters; a one-layer model's steps compile about 2x faster.
   options = ({"xla_backend_optimization_level": 0,
@@ -173,34 +233,78 @@ def build(cfg: Config, model_cfg: model_lib.Config) -> Program:
   train_steps = {}
   for refresh in (False, True) if optimizer_lib.takes_curvature(cfg) else (
       False,):
-    step = functools.partial(train_step, tx=tx, model_cfg=model_cfg,
-                             axis_name=axis_name, refresh=refresh)
-    if mesh is not None:
-      step = jax.shard_map(step, mesh=mesh,
-                           in_specs=(jax.P(), jax.P(AXIS), jax.P()),
-                           out_specs=(jax.P(), jax.P()))
-    train_steps[refresh] = jax.jit(step, donate_argnums=0,
-                                   compiler_options=options)
+    step = functools.partial(
+        train_step, tx=tx, model_cfg=model_cfg, mesh=mesh,
+        mode=cfg.microbatch_mode, grad_dtype=cfg.grad_dtype, refresh=refresh)
+    train_steps[refresh] = jax.jit(
+        step, out_shardings=(shardings, replicated), donate_argnums=0,
+        compiler_options=options)
   return Program(
-      mesh, replicated, tx, jax.jit(init, out_shardings=replicated),
-      jax.jit(restart, out_shardings=replicated), train_steps,
+      mesh, replicated, shardings, tx,
+      jax.jit(init, out_shardings=shardings),
+      jax.jit(restart, out_shardings=shardings), train_steps,
       jax.jit(functools.partial(eval_step, model_cfg=model_cfg),
-              compiler_options=options))
+              out_shardings=replicated, compiler_options=options))
 
 
 def place(prog: Program, windows: np.ndarray, batch_axis: int) -> jax.Array:
-  """Host windows on the devices, ``batch_axis`` (M) split over the mesh."""
-  if prog.mesh is None:
-    return jax.device_put(windows, prog.replicated)
+  """Host windows on the mesh: ``batch_axis`` (M) over data, B over fsdp.
+
+  Every process holds the same host windows (a pure function of ``(seed,
+  step)``) and hands over only the shards of its own devices.
+  """
   spec = [None] * windows.ndim
-  spec[batch_axis] = AXIS
+  spec[batch_axis:batch_axis + 2] = DATA, FSDP
   return jax.make_array_from_callback(
       windows.shape, jax.NamedSharding(prog.mesh, jax.P(*spec)),
       lambda index: windows[index])
 
 
+def replicate(prog: Program, value) -> jax.Array:
+  """A host value (the same on every process) on every device of the mesh."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, prog.replicated,
+                                      lambda index: value[index])
+
+
+def abstract_inputs(cfg: Config, prog: Program, model_cfg: model_lib.Config
+                    ) -> tuple:
+  """``(state, windows_MxBxT1, key)`` of the train steps, as sharded
+  ``jax.ShapeDtypeStruct``s (nothing is allocated)."""
+  with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                    sharding=s)
+  key = jax.eval_shape(jax.random.key, 0)
+  state = jax.tree.map(with_sharding, jax.eval_shape(prog.init, key),
+                       prog.shardings)
+  windows = jax.ShapeDtypeStruct(
+      (cfg.microbatches, cfg.microbatch_size, cfg.seq_len + 1), jnp.int32,
+      sharding=jax.NamedSharding(prog.mesh, jax.P(DATA, FSDP)))
+  return state, windows, with_sharding(key, prog.replicated)
+
+
+def step_memory(cfg: Config, model_cfg: model_lib.Config) -> dict:
+  """Per-device bytes of each compiled train step (``{refresh: sizes}``).
+
+  The steps are compiled for abstract inputs: ``argument``, ``output``,
+  ``alias`` (outputs in donated arguments), ``temp`` (scratch) and
+  ``peak`` = argument + output - alias + temp, an upper bound of what is
+  live at once.
+  """
+  prog = build(cfg, model_cfg)
+  inputs = abstract_inputs(cfg, prog, model_cfg)
+  sizes = {}
+  for refresh, step in prog.train_steps.items():
+    m = step.lower(*inputs).compile().memory_analysis()
+    b = {k: int(getattr(m, f"{k}_size_in_bytes"))
+         for k in ("argument", "output", "alias", "temp")}
+    sizes[refresh] = b | {"peak": b["argument"] + b["output"] - b["alias"]
+                          + b["temp"]}
+  return sizes
+
+
 def dry_run(cfg: Config) -> dict:
-  """--dry-run: prints the parameter and optimizer-state sizes, abstractly."""
+  """--dry-run: sizes of the parameters, the optimizer state and the train
+  step's per-device memory, all abstract (nothing is allocated)."""
   model_cfg = config_lib.model_config(
       cfg, cfg.vocab_size or data_lib.BYTE_VOCAB)
   params = nnx.to_pure_dict(model_lib.abstract_params(model_cfg))
@@ -209,7 +313,16 @@ def dry_run(cfg: Config) -> dict:
   opt_state = jax.eval_shape(optimizer_lib.make(cfg).init, params)
   print(f"optimizer state: {model_lib.count_params(opt_state)} numbers "
         f"({cfg.optimizer})")
-  return {"params": n}
+  config_lib.validate(cfg)
+  memory = step_memory(cfg, model_cfg)
+  mib = lambda b: f"{b / 2**20:,.1f} MiB"
+  for refresh, b in memory.items():
+    print(f"train step{' (curvature refresh)' if refresh else ''}, per "
+          f"device on --mesh {cfg.mesh_name} "
+          f"({cfg.microbatch_mode}, {cfg.grad_dtype} gradients): "
+          + ", ".join(f"{k} {mib(v)}" for k, v in b.items()))
+  return {"params": n, "memory": {("refresh" if refresh else "step"): b
+                                  for refresh, b in memory.items()}}
 
 
 def load_corpus(cfg: Config) -> data_lib.Corpus:
@@ -276,16 +389,18 @@ def train_loop(cfg: Config, prog: Program, corpus: data_lib.Corpus,
                seq_len=cfg.seq_len)
   tokens_per_step = cfg.microbatches * cfg.microbatch_size * cfg.seq_len
   schedule = optimizer_lib.learning_rate(cfg)
-  key = jax.device_put(jax.random.key(cfg.seed), prog.replicated)
+  key = jax.random.wrap_key_data(replicate(
+      prog, jax.random.key_data(jax.random.key(cfg.seed))))
   is_main = jax.process_index() == 0
-  records = plot_lib.read_metrics(out / "metrics.jsonl", start) if start else []
+  records = (plot_lib.read_metrics(out / "metrics.jsonl", start)
+             if start and is_main else [])
   if is_main:
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n"
                                                for r in records))
   t0 = time.time()
   wall = lambda: wall0 + time.time() - t0
   checkpoint = lambda step: checkpoint_lib.save(mngr, step, {
-      **state, "wall_s": jax.device_put(np.float32(wall()), prog.replicated)})
+      **state, "wall_s": replicate(prog, np.float32(wall()))})
   bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
              disable={"auto": None, "on": False, "off": True}[cfg.progress])
   t_last, step_last = t0, start
@@ -347,14 +462,15 @@ def run(cfg: Config, argv: list[str], corpus: data_lib.Corpus,
   prog = build(cfg, model_cfg)
   state, wall0, init_from = checkpoint_lib.start(
       cfg, mngr, model_cfg, init=prog.init, restart=prog.restart,
-      sharding=prog.replicated)
+      shardings=prog.shardings)
   num_params = model_lib.count_params(state["params"])
   eval_sets = {split: place(prog, data_lib.eval_batches(
       getattr(corpus, split), num_batches=cfg.eval_batches,
       microbatches=cfg.microbatches, batch_size=cfg.microbatch_size,
       seq_len=cfg.seq_len), 1) for split in ("val", "test")}
-  state, records, wall_s = train_loop(cfg, prog, corpus, state, wall0, mngr,
-                                      eval_sets)
+  with jax.set_mesh(prog.mesh):
+    state, records, wall_s = train_loop(cfg, prog, corpus, state, wall0,
+                                        mngr, eval_sets)
   if cfg.stop_at is not None and cfg.stop_at < cfg.steps:
     print(f"stopped after step {cfg.stop_at} (--stop-at); checkpoint saved "
           f"in {cfg.out}; continue with --resume")
@@ -395,10 +511,17 @@ def main(argv=None) -> dict | None:
   """
   argv = sys.argv[1:] if argv is None else list(argv)
   cfg = parse_args(argv)
-  if cfg.distributed:
-    jax.distributed.initialize()
-  if cfg.dry_run:
+  config_lib.validate_processes(cfg)
+  if cfg.dry_run:   # on this process's (possibly simulated) devices only
     return dry_run(cfg)
+  if cfg.coordinator is not None:
+    # CPU processes exchange collectives through gloo (accelerators use
+    # their own; the setting only concerns the CPU backend).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(cfg.coordinator, cfg.num_processes,
+                               cfg.process_id)
+  elif cfg.distributed:
+    jax.distributed.initialize()
   config_lib.validate(cfg)
   corpus = load_corpus(cfg)
   model_cfg = config_lib.model_config(cfg, cfg.vocab_size or corpus.vocab_size)

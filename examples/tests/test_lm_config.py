@@ -118,13 +118,15 @@ def test_derived_field_sets():
   # the compiled programs never see (train.build reads none of them: see
   # test_lm_train.py).
   assert config_lib.RESUMABLE == {
-      "resume", "stop_at", "devices", "out", "checkpoint_every", "eval_every",
-      "progress", "dry_run", "fast_compile", "distributed"}
+      "resume", "stop_at", "devices", "mesh", "microbatch_mode", "out",
+      "checkpoint_every", "eval_every", "progress", "dry_run", "fast_compile",
+      "distributed", "coordinator", "num_processes", "process_id"}
   assert config_lib.NOT_COMPILED == {
       "seed", "data", "noise", "eval_every", "eval_batches",
       "checkpoint_every", "resume", "stop_at", "out", "progress", "dry_run",
-      "curvature_every", "distributed", "train_plays", "val_plays",
-      "test_plays", "init_from", "eval_test"}
+      "curvature_every", "distributed", "coordinator", "num_processes",
+      "process_id", "train_plays", "val_plays", "test_plays", "init_from",
+      "eval_test"}
 
 
 def test_config_json_round_trip():
@@ -145,8 +147,11 @@ def test_resume_refuses_changed_settings_that_are_not_resumable():
 
   old = saved("--lr", "1e-3", "--out", "a")
   assert config_lib.changed_on_resume(old, saved(
-      "--lr", "1e-3", "--out", "b", "--devices", "2", "--stop-at", "3",
-      "--eval-every", "7", "--resume", "--fast-compile")) == []
+      "--lr", "1e-3", "--out", "b", "--mesh", "data=2,fsdp=2", "--stop-at",
+      "3", "--eval-every", "7", "--resume", "--fast-compile",
+      "--microbatch-mode", "scan")) == []
+  assert config_lib.changed_on_resume(old, saved(
+      "--lr", "1e-3", "--grad-dtype", "bfloat16")) == ["grad_dtype"]
   assert config_lib.changed_on_resume(old, saved(
       "--lr", "2e-3", "--seed", "1", "--out", "a")) == ["lr", "seed"]
   assert config_lib.changed_on_resume(old, saved(
@@ -170,8 +175,13 @@ def test_model_overrides():
     (["--optimizer", "adamw_bc", "--microbatches", "1"], "cannot use"),
     (["--optimizer", "sophia_bc", "--microbatches", "2"], "cannot use"),
     (["--optimizer", "shampoo_bc", "--cross-fit", "loo"], "loo"),
-    (["--devices", "3"], "must divide"),
-    (["--devices", "16", "--microbatches", "16"], "only 8 devices"),
+    (["--devices", "3"], "data=3 must divide --microbatches 4"),
+    (["--devices", "16", "--microbatches", "16"], "only 8 here"),
+    (["--mesh", "data=2,fsdp=4"], "fsdp=4 must divide --microbatch-size 2"),
+    (["--mesh", "fsdp=2", "--vocab-size", "257"],
+     "fsdp=2 must divide dimension 257 of the parameter"),
+    (["--mesh", "data=2", "--devices", "2"], "give one"),
+    (["--coordinator", "localhost:1234"], "give all of --coordinator"),
     (["--stop-at", "99"], "--stop-at"),
     (["--noise", "1.5"], "--noise"),
     (["--seq-len", "0"], "--seq-len must be >= 1"),
@@ -186,6 +196,24 @@ def test_bad_settings_fail_before_compiling(tiny, tmp_path, monkeypatch,
   with pytest.raises(ValueError, match=match):
     train.main(tiny.flags(tmp_path, "adamw") + extra)
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_mesh_flag():
+  parse = lambda *argv: train.parse_args(list(argv))
+  assert parse().mesh_shape == {"data": 1, "fsdp": 1}
+  assert parse("--devices", "4").mesh_shape == {"data": 4, "fsdp": 1}
+  cfg = parse("--mesh", "fsdp=2, data=4")
+  assert (cfg.mesh, cfg.mesh_name) == ("data=4,fsdp=2", "data=4,fsdp=2")
+  assert parse("--mesh", "fsdp=8").mesh_shape == {"data": 1, "fsdp": 8}
+
+
+@pytest.mark.parametrize("bad", ["data", "data=0", "data=-2", "data=2x",
+                                 "model=2", "data=2,data=2", "data=2;fsdp=2",
+                                 ""])
+def test_bad_mesh_values_are_refused_by_the_parser(bad, capsys):
+  with pytest.raises(SystemExit):
+    train.parse_args(["--mesh", bad])
+  assert "expected data=D[,fsdp=F]" in capsys.readouterr().err
 
 
 def test_a_switch_the_optimizer_lacks_is_refused(monkeypatch):

@@ -183,7 +183,7 @@ def test_sophia_steps_on_devices_match_one_device(inputs, programs):
   one = programs("sophia_bc").train_steps[True]
   many = build_once(dataclasses.replace(cfg, optimizer="sophia_bc",
                                         devices=4), model_cfg)
-  assert many.mesh.shape == {"data": 4}
+  assert many.mesh.shape == {"data": 4, "fsdp": 1}
   state_one = programs("sophia_bc").restart(fresh(params))
   state_many = many.restart(fresh(params))
   for step in (1, 2, 3):
@@ -233,8 +233,8 @@ def test_build_reads_no_field_marked_not_compiled(inputs):
     jax.eval_shape(step, state, windows[1], KEY)
   jax.eval_shape(prog.eval_step, params, windows[1][None])
   assert recorder.read & config_lib.NOT_COMPILED == set()
-  assert {"optimizer", "cross_fit", "averages", "devices", "lr",
-          "fast_compile"} <= recorder.read
+  assert {"optimizer", "cross_fit", "averages", "mesh_shape", "lr",
+          "fast_compile", "microbatch_mode", "grad_dtype"} <= recorder.read
 
 
 # ----------------------------------------------------------------------------
@@ -316,12 +316,16 @@ def test_averages_read_out_without_changing_training(runs):
   plain_out, plain = runs("plain")
   out, summary = runs("averaged")
   got, ref = metrics(out), metrics(plain_out)
-  # Bitwise with --fast-compile; under full XLA optimisation the extra
-  # averaging ops change the fusion of the step and the last bits of the
-  # parameters (benchmarks/finetune_averaging.py measures it).
-  assert [r["train_loss"] for r in got] == [r["train_loss"] for r in ref]
-  assert [r.get("val_loss") for r in got] == [r.get("val_loss") for r in ref]
-  assert summary["final_eval_loss"] == plain["final_eval_loss"]
+  # Equal to float rounding: the extra averaging ops change XLA's fusion of
+  # the step and the last bits of the parameters (1e-7 of the loss from
+  # step 3 on here; benchmarks/finetune_averaging.py measures it).
+  same = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6)
+  same([r["train_loss"] for r in got], [r["train_loss"] for r in ref])
+  assert [r["step"] for r in got if "val_loss" in r] == [
+      r["step"] for r in ref if "val_loss" in r]
+  same([r["val_loss"] for r in got if "val_loss" in r],
+       [r["val_loss"] for r in ref if "val_loss" in r])
+  same(summary["final_eval_loss"], plain["final_eval_loss"])
   assert summary["config"]["args"]["average"] == "ema,bema"   # chain order
   step4, step8 = [r for r in got if "val_loss" in r]
   assert step8["step"] == STEPS and "val_loss_avg" not in step8
@@ -418,10 +422,13 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(
   assert resumed["final_eval_loss"] == full["final_eval_loss"]
 
 
-def test_dry_run_prints_the_qwen_count(capsys, tmp_path):
+def test_dry_run_prints_the_qwen_count(capsys, tmp_path, monkeypatch):
+  # Only the sizes: compiling the 0.5B step's memory is test_lm_mesh's job
+  # on the tiny run.
+  monkeypatch.setattr(train, "step_memory", lambda cfg, model_cfg: {})
   summary = train.main(["--dry-run", "--preset", "qwen2.5-0.5b",
                         "--vocab-size", "151936", "--optimizer", "adamw",
                         "--out", str(tmp_path / "run")])
   assert "params: 494032768" in capsys.readouterr().out.splitlines()
-  assert summary == {"params": 494032768}
+  assert summary == {"params": 494032768, "memory": {}}
   assert not (tmp_path / "run").exists()
