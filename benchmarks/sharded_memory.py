@@ -40,6 +40,7 @@ import bcopt
 from benchmarks import harness
 
 MODULE = "benchmarks.sharded_memory"
+DOC = harness.ROOT / "docs" / "scale_out.md"  # its table, between markers
 FAMILIES = {"adam": bcopt.adamw_bc, "sophia": bcopt.sophia_bc,
             "shampoo": bcopt.shampoo_bc}
 MODES = ("gspmd_auto", "gspmd_explicit", "shard_map", "optax_adamw")
@@ -160,6 +161,9 @@ def main(argv=None) -> dict:
     harness.write_section("sharded_memory", (
         f"## Sharded microbatch axis: memory (`{result['command']}`)\n\n"
         + result["markdown"]))
+    harness.write_section("sharded_memory", (
+        f"{result['markdown']}\n\n`{command}`"
+        " (benchmarks/results/sharded_memory.json)"), DOC)
   return result
 
 
