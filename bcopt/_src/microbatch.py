@@ -207,11 +207,9 @@ def _blocks(tree: PyTree, d: int) -> PyTree:
 def _visit(stacked: PyTree, d: int, j) -> PyTree:
   """Local microbatch ``j`` of a stacked tree (``d = 1``), or the ``j``-th of
   every block, stacked along a leading block axis (``d > 1``)."""
-  if d == 1:
-    return jax.tree.map(
-        lambda x: jax.lax.dynamic_index_in_dim(x, j, keepdims=False), stacked)
+  axis = 0 if d == 1 else 1
   return jax.tree.map(
-      lambda x: jax.lax.dynamic_index_in_dim(x, j, axis=1, keepdims=False),
+      lambda x: jax.lax.dynamic_index_in_dim(x, j, axis=axis, keepdims=False),
       stacked)
 
 
@@ -415,7 +413,7 @@ def sum_over_microbatches(
     out = fn(*_visit(stacked, d, j))
     if weights is None:
       return out
-    w = weights[j] if d == 1 else weights[:, j]
+    w = _visit(weights, d, j)
     return jax.tree.map(
         lambda o: o * jnp.reshape(w, w.shape + (1,) * (o.ndim - w.ndim)
                                   ).astype(o.dtype), out)

@@ -16,7 +16,7 @@ the table's names), e.g.::
 
     "lion": Optimizer(mean_gradient(optax.lion), dict(b1=0.9, b2=0.99)),
 
-``make(cfg, axis_name)`` chains ``bcopt.clip_by_global_norm``, the
+``make(cfg)`` chains ``bcopt.clip_by_global_norm``, the
 optimizer and the ``--average`` transforms (``bcopt.ema``/``bcopt.bema``,
 in that order, last so they see the parameters after each update);
 ``averaged_params(cfg, opt_state)`` reads the averages back out.
@@ -136,14 +136,13 @@ def averager(cfg: Config, name: str) -> optax.GradientTransformation:
   return getattr(bcopt, name)(**kwargs)
 
 
-def make(cfg: Config, axis_name: str | None = None
-         ) -> optax.GradientTransformation:
-  """clip -> optimizer (-> averages), all on microbatched gradients."""
+def make(cfg: Config) -> optax.GradientTransformation:
+  """clip -> optimizer (-> averages), all on microbatched gradients (a
+  stacked microbatch axis, sharded or not: no ``axis_name``)."""
   entry = OPTIMIZERS[cfg.optimizer]
-  parts = [bcopt.clip_by_global_norm(cfg.clip_norm, axis_name=axis_name),
+  parts = [bcopt.clip_by_global_norm(cfg.clip_norm),
            entry.factory(learning_rate(cfg), weight_decay=cfg.weight_decay,
-                         mask=decay_mask, axis_name=axis_name,
-                         **optimizer_kwargs(cfg))]
+                         mask=decay_mask, **optimizer_kwargs(cfg))]
   parts += [averager(cfg, name) for name in cfg.averages]
   return optax.chain(*parts)
 
