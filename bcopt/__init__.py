@@ -21,6 +21,9 @@ from bcopt._src.microbatch import microbatch_mean
 from bcopt._src.shampoo import ScaleByShampooBCState
 from bcopt._src.shampoo import scale_by_shampoo_bc
 from bcopt._src.shampoo import shampoo_bc
+from bcopt._src.soap import ScaleBySoapBCState
+from bcopt._src.soap import scale_by_soap_bc
+from bcopt._src.soap import soap_bc
 from bcopt._src.sophia import ScaleBySophiaBCState
 from bcopt._src.sophia import gnb_diag
 from bcopt._src.sophia import hutchinson_diag
@@ -44,6 +47,9 @@ __all__ = (
     "ScaleByShampooBCState",
     "scale_by_shampoo_bc",
     "shampoo_bc",
+    "ScaleBySoapBCState",
+    "scale_by_soap_bc",
+    "soap_bc",
     "ScaleBySophiaBCState",
     "gnb_diag",
     "hutchinson_diag",

@@ -1,4 +1,4 @@
-"""An independent numpy restatement of shared/SPEC.md sections 1-5a.
+"""An independent numpy restatement of shared/SPEC.md sections 1-5a and 8.
 
 Written from the SPEC text with explicit loops over microbatches, in float64,
 sharing no code with bcopt. Tests compare bcopt against it.
@@ -50,14 +50,15 @@ def group_variance(denominator, stats, estimator, *, loo_scheme=False,
 
 
 def cross_fit_update(numerator, denominator, grads, stats, scheme, estimator,
-                     exponent=1.0, combine=np.multiply):
-  """SPEC section 1 table, with the corrected inverse of section 2."""
+                     exponent=1.0, combine=np.multiply, groups=None):
+  """SPEC section 1 table, with the corrected inverse of section 2 (the
+  jackknife of a group leaving out `groups` subgroups, section 5a)."""
   m = len(grads)
 
   def inverse_of(group_stats):
     p = denominator(group_stats.mean(axis=0))
     v = None if estimator is None else group_variance(
-        denominator, group_stats, estimator)
+        denominator, group_stats, estimator, groups=groups)
     return corrected_inverse(p, v, exponent)
 
   if scheme is None:
@@ -191,3 +192,40 @@ def shampoo_bc_run(grad_steps, b1, b2, damping, exponent, every, scheme,
     outputs.append(u)
     mom = b1 * mom + (1 - b1) * gbar
   return outputs, (mom, left, right, left_root, right_root)
+
+
+def soap_bc_run(grad_steps, b1, b2, eps, shampoo_b2, damping, every, scheme,
+                estimator, groups=None):
+  """SPEC section 8 for one unblocked matrix over several steps.
+
+  Each step is section 3's AdamW-BC update on the rotated microbatch
+  gradients Q_L^T g_j Q_R (with mu rotated), rotated back; the bases are
+  the eigenvectors of L + damping I and R + damping I, refreshed after
+  steps 1, every, 2 every, ... Returns the list of updates and the final
+  (mu, nu, L, R).
+  """
+  d1, d2 = grad_steps[0].shape[1:]
+  mu, nu = np.zeros((d1, d2)), np.zeros((d1, d2))
+  left, right = np.zeros((d1, d1)), np.zeros((d2, d2))
+  q_l, q_r = np.eye(d1), np.eye(d2)
+  outputs = []
+  for t, g in enumerate(grad_steps, start=1):
+    g = np.asarray(g, np.float64)
+    rot = lambda x, q_l=q_l, q_r=q_r: q_l.T @ x @ q_r
+    rotated = np.stack([rot(x) for x in g])
+    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+    numerator = lambda a, m=rot(mu), bc1=bc1: (b1 * m + (1 - b1) * a) / bc1
+    denominator = lambda s, nu=nu, bc2=bc2: np.sqrt(
+        np.maximum(0.0, (b2 * nu + (1 - b2) * s ** 2) / bc2)) + eps
+    u = cross_fit_update(numerator, denominator, rotated, rotated, scheme,
+                         estimator, groups=groups)
+    outputs.append(q_l @ u @ q_r.T)
+    gbar = g.mean(axis=0)
+    mu = b1 * mu + (1 - b1) * gbar
+    nu = b2 * nu + (1 - b2) * rot(gbar) ** 2
+    left = shampoo_b2 * left + (1 - shampoo_b2) * gbar @ gbar.T
+    right = shampoo_b2 * right + (1 - shampoo_b2) * gbar.T @ gbar
+    if t == 1 or t % every == 0:
+      q_l = np.linalg.eigh(left + damping * np.eye(d1))[1]
+      q_r = np.linalg.eigh(right + damping * np.eye(d2))[1]
+  return outputs, (mu, nu, left, right)

@@ -50,12 +50,13 @@ M = 4  # microbatches per step (two groups of two for the two-fold schemes)
 NOISE = 0.5  # standard deviation of each microbatch's gradient noise
 
 FACTORIES = {"adamw_bc": bcopt.adamw_bc, "sophia_bc": bcopt.sophia_bc,
-             "shampoo_bc": bcopt.shampoo_bc}
+             "shampoo_bc": bcopt.shampoo_bc, "soap_bc": bcopt.soap_bc}
 SCHEMES = {"adamw_bc": (None, "twofold", "symmetric", "loo"),
            "sophia_bc": (None, "twofold", "symmetric", "loo"),
-           "shampoo_bc": (None, "twofold", "symmetric")}
+           "shampoo_bc": (None, "twofold", "symmetric"),
+           "soap_bc": (None, "twofold", "symmetric", "loo")}
 DEFAULT_SCHEME = {"adamw_bc": "loo", "sophia_bc": "loo",
-                  "shampoo_bc": "twofold"}
+                  "shampoo_bc": "twofold", "soap_bc": "loo"}
 # Hyperparameters of the contract runs (lr: peak of a cosine decay in the
 # convergence runs, the constant rate elsewhere). Shampoo computes roots every
 # 4 steps, so root and cached steps both occur.
@@ -64,10 +65,13 @@ KWARGS = {
     "sophia_bc": dict(learning_rate=0.1, weight_decay=1e-4, rho=0.02),
     "shampoo_bc": dict(learning_rate=0.1, weight_decay=1e-4,
                        precondition_every=4),
+    "soap_bc": dict(learning_rate=0.1, weight_decay=1e-4,
+                    precondition_every=4),
 }
 # Structural integers that set shapes or the period of the root steps: static
 # under inject_hyperparams, like optax's ``ns_steps`` or ``update_proj_gap``.
-STATIC_HPARAMS = ("block_size", "precondition_every", "variance_groups")
+STATIC_HPARAMS = ("block_size", "precondition_every", "variance_groups",
+                  "max_precond_dim")
 
 
 # Every scheme with the default estimator, then every other estimator with
@@ -77,15 +81,16 @@ SCHEME_CONFIGS = [(f, scheme, "jackknife")
 CONFIGS = SCHEME_CONFIGS + [(f, DEFAULT_SCHEME[f], estimator)
                             for f in FACTORIES for estimator in (None, "paper")]
 DEFAULTS = [(f, DEFAULT_SCHEME[f], "jackknife") for f in FACTORIES]
-# Shampoo's compiles cost seconds each (eigendecompositions in both branches
-# of its root-step cond), so the compiled checks give it fewer
-# configurations: its estimators share the twofold code (test_shampoo.py
-# checks their values), and its schemes share the code that reads the
+# Shampoo's and SOAP's compiles cost seconds each (eigendecompositions in a
+# cond), so the compiled checks give them fewer configurations: their
+# estimators share the scheme code (test_shampoo.py and test_soap.py check
+# their values), and their schemes share the code that reads the
 # hyperparameters (for inject_hyperparams).
+MATRIX = ("shampoo_bc", "soap_bc")
 RUN_CONFIGS = [c for c in CONFIGS
-               if c[0] != "shampoo_bc" or c in SCHEME_CONFIGS]
+               if c[0] not in MATRIX or c in SCHEME_CONFIGS]
 INJECT_CONFIGS = [c for c in SCHEME_CONFIGS
-                  if c[0] != "shampoo_bc" or c in DEFAULTS]
+                  if c[0] not in MATRIX or c in DEFAULTS]
 
 
 def _id(config):
@@ -273,6 +278,9 @@ INJECT_KWARGS = {
                        damping=2**-10, weight_decay=2**-10,
                        precondition_every=2, fallback_b2=1 - 2**-9,
                        fallback_eps=2**-20),
+    "soap_bc": dict(learning_rate=2**-4, b1=1 - 2**-3, b2=1 - 2**-4,
+                    eps=2**-20, shampoo_b2=1 - 2**-4, damping=2**-10,
+                    weight_decay=2**-10, precondition_every=2),
 }
 
 

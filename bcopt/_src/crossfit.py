@@ -119,8 +119,9 @@ def group_inverse(
     *,
     exponent: float = 1.0,
     loo: Optional[bool] = None,
+    variance_groups: Optional[int] = None,
 ) -> PyTree:
-  """The (corrected) inverse of one preconditioner group's denominator.
+  r"""The (corrected) inverse of one preconditioner group's denominator.
 
   Args:
     denominator_fn: the preconditioner denominator of a statistic mean.
@@ -133,6 +134,9 @@ def group_inverse(
     loo: whether the variance comes from leave-one-out denominators; by
       default those of the jackknife (the ``"paper"`` estimator then uses
       per-microbatch denominators).
+    variance_groups: the jackknife's subgroups :math:`K` (the
+      delete-a-group jackknife of :func:`grouped_variance`); None (or a
+      group of at most ``K``) leaves out one microbatch at a time.
 
   Returns:
     :math:`\tilde f(p(\bar s_G))`, clamped at zero.
@@ -141,11 +145,48 @@ def group_inverse(
   if estimator is None:
     return inverse.variance_correct_inverse(p, exponent=exponent)
   loo = estimator == "jackknife" if loo is None else loo
-  spread = denominator_spread(
-      denominator_fn, stats, group_mean, mb, group, loo=loo)
-  variance = inverse.variance_from_spread(
-      spread, microbatch.group_size(mb, group), estimator, loo=loo)
+  n = microbatch.group_size(mb, group)
+  if estimator == "jackknife" and len(
+      microbatch.subgroup_sizes(n, variance_groups)) < n:
+    variance = grouped_variance(denominator_fn, stats, mb, group,
+                                variance_groups)
+  else:
+    spread = denominator_spread(
+        denominator_fn, stats, group_mean, mb, group, loo=loo)
+    variance = inverse.variance_from_spread(spread, n, estimator, loo=loo)
   return inverse.variance_correct_inverse(p, variance, exponent=exponent)
+
+
+def grouped_variance(
+    denominator_fn: Callable[[PyTree], PyTree],
+    stats: PyTree,
+    mb: microbatch.Microbatches,
+    group: str,
+    variance_groups: int,
+) -> PyTree:
+  r"""The delete-a-group jackknife variance of a group's denominator.
+
+  The group's ``n`` microbatches form :math:`K' = \min(K, n)` contiguous
+  subgroups of sizes :math:`n_k` (:func:`bcopt._src.microbatch.subgroup_sizes`);
+  with :math:`\bar s_{(-k)} = (n \bar s - n_k \bar s_k)/(n - n_k)`,
+
+  .. math::
+
+    V = \frac{K'-1}{K'} \sum_k \big(p(\bar s_{(-k)})
+      - \tfrac{1}{K'}\textstyle\sum_{k'} p(\bar s_{(-k')})\big)^2.
+
+  ``denominator_fn`` runs :math:`K'` times on subgroup means, never per
+  microbatch: the point when it is costly (SOAP's rotations).
+  """
+  sizes = microbatch.subgroup_sizes(microbatch.group_size(mb, group),
+                                    variance_groups)
+  means = microbatch.subgroup_means(stats, mb, group, variance_groups)
+  _, left_out = microbatch.leave_subgroup_out(
+      [jax.tree.map(lambda x, k=k: x[k], means) for k in range(len(sizes))],
+      sizes)
+  values = [denominator_fn(x) for x in left_out]
+  return inverse.grouped_jackknife_variance(
+      jax.tree.map(lambda *v: jnp.stack(v), *values))
 
 
 def _multiply(numerator: PyTree, inverse_: PyTree) -> PyTree:
@@ -275,10 +316,14 @@ def cross_fitted(
     exponent: float = 1.0,
     stats: Optional[PyTree] = None,
     combine: Optional[Callable[[PyTree, PyTree], PyTree]] = None,
+    variance_groups: Optional[int] = None,
 ) -> PyTree:
   """:func:`cross_fit` on inputs already checked against the layout ``mb``.
 
   The transforms call this after checking their inputs once per update.
+  ``variance_groups`` (:func:`group_inverse`) applies to the jackknife of
+  the two-fold and standard schemes; the LOO folds are the jackknife's
+  leave-one-out values themselves.
   """
   combine = _multiply if combine is None else combine
   stats = updates if stats is None else stats
@@ -295,7 +340,8 @@ def cross_fitted(
     group = microbatch.group(mb, name)
     return group_inverse(
         denominator_fn, group.take(stats), group_mean, group.layout,
-        group.name, inverse_correction, exponent=exponent, loo=loo_values)
+        group.name, inverse_correction, exponent=exponent, loo=loo_values,
+        variance_groups=variance_groups)
 
   if scheme is None:
     s_bar = group_means(stats, "all")

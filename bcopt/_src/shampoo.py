@@ -266,18 +266,30 @@ class _Eigen(NamedTuple):
   values: jax.Array  # (n, t1 + t2): eigenvalues of L_c + damping, then R_c's.
 
 
+def _factor_ema(factor: jax.Array, x: jax.Array, b2, side: str) -> jax.Array:
+  """``b2 L + (1 - b2) X X^T`` (``side="left"``) or ``b2 R + (1 - b2) X^T X``
+  (``"right"``) for every tile of ``x``."""
+  gram = jnp.einsum("nij,nkj->nik" if side == "left" else "nji,njk->nik",
+                    x, x, precision=_HIGHEST)
+  return b2 * factor + (1 - b2) * gram
+
+
+def _damped_eigh(t: _Tiling, factor: jax.Array, damping, side: str):
+  """Eigendecomposition of a side's ``factor + damping I`` for every tile;
+  padded coordinates get a unit eigenvalue, so they stay decoupled."""
+  pad = _padding(t)[side == "right"] if t.padded else 0.0
+  return _eigh(factor, (damping + pad) * jnp.ones(factor.shape[:-1],
+                                                  factor.dtype))
+
+
 def _eigen(t: _Tiling, factors: _Factors, group_mean: jax.Array, b2,
            damping) -> _Eigen:
   """Candidate factors from a group's mean gradient, eigendecomposed."""
   x = _to_tiles(group_mean, t)
-  l_c = b2 * factors.left + (1 - b2) * jnp.einsum(
-      "nij,nkj->nik", x, x, precision=_HIGHEST)
-  r_c = b2 * factors.right + (1 - b2) * jnp.einsum(
-      "nji,njk->nik", x, x, precision=_HIGHEST)
-  pad_l, pad_r = _padding(t) if t.padded else (0.0, 0.0)
-  # Padded coordinates get a unit eigenvalue: they stay decoupled.
-  eig_l = _eigh(l_c, (damping + pad_l) * jnp.ones(l_c.shape[:-1], l_c.dtype))
-  eig_r = _eigh(r_c, (damping + pad_r) * jnp.ones(r_c.shape[:-1], r_c.dtype))
+  l_c = _factor_ema(factors.left, x, b2, "left")
+  r_c = _factor_ema(factors.right, x, b2, "right")
+  eig_l = _damped_eigh(t, l_c, damping, "left")
+  eig_r = _damped_eigh(t, r_c, damping, "right")
   return _Eigen(l_c, r_c, x, eig_l.eigenvectors, eig_r.eigenvectors,
                 jnp.concatenate([eig_l.eigenvalues, eig_r.eigenvalues], -1))
 
