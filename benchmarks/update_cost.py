@@ -12,6 +12,8 @@ cost figures, state bytes (cost models: docs/performance.md).
 * ``shampoo``: one ``d x d`` parameter, ``SHAMPOO``'s root and other steps
   (timed in one program), ``optax.adam``, one ``eigh``, one projection;
   XLA's memory of that program and of each step kind (``root_step=``).
+* ``soap``: the same for ``SOAP``'s steps with and without a basis refresh,
+  against plain SOAP, with the rotations each variant needs.
 
 ``--ref COMMIT`` adds bcopt at COMMIT (``bcopt_ref``): twins ``NAME @ref``
 and ``bitwise_equal_ref``. ``OPENBLAS_NUM_THREADS`` is 1 unless set (its
@@ -21,6 +23,7 @@ busy-waiting threads stall LAPACK ``eigh`` under load). Writes
   python -m benchmarks.update_cost --quick           # a smoke run
   python -m benchmarks.update_cost                   # every family
   python -m benchmarks.update_cost --family shampoo --dims 1024
+  python -m benchmarks.update_cost --family soap --dims 1024
   python -m benchmarks.update_cost --ref HEAD~1 --family adam --sizes 2M \
       --variants "loo + jackknife"                   # and the baselines
 """
@@ -52,12 +55,13 @@ from bcopt._src import shampoo as shampoo_src
 from benchmarks import harness
 
 MODULE = "benchmarks.update_cost"
-FAMILIES = ("adam", "sophia", "shampoo")
+FAMILIES = ("adam", "sophia", "shampoo", "soap")
 SIZES = {  # LM-shaped trees: (vocab, d_model, layers)
     "tiny": (64, 16, 1),    # tests only
     "2M": (2048, 256, 2),   # 2,098,432 parameters
     "16M": (8192, 512, 4)}  # 16,781,824 parameters
-MICROBATCHES = {"adam": [2, 8, 32], "sophia": [8], "shampoo": [4, 16]}
+MICROBATCHES = {"adam": [2, 8, 32], "sophia": [8], "shampoo": [4, 16],
+                "soap": [8]}
 REFRESH_EVERY = 10
 REF = " @ref"
 A = "optax Adam on jnp.mean (a)"
@@ -87,6 +91,19 @@ SHAMPOO = {"standard": (None, None, None),
            "twofold + jackknife exact": ("twofold", "jackknife", None)}
 DEFAULT = "twofold + jackknife K=4"   # shampoo_bc's defaults
 STEPS = {"root": 0, "non-root": 1}  # step kind: count before the call
+# scale_by_soap_bc's (cross_fit, inverse_correction, variance_groups) and
+# the rotations (projection-sized products) a step makes besides plain
+# SOAP's three (numerator, denominator = second moment's, back): LOO
+# rotates the M microbatches and mu, twofold the K leave-outs and the
+# preconditioner group's mean.
+SOAP = {"SOAP": (None, None, None, lambda m: 0),
+        "SOAP-BC loo + jackknife": ("loo", "jackknife", 4, lambda m: m),
+        "SOAP-BC twofold + jackknife K=4": ("twofold", "jackknife", 4,
+                                            lambda m: min(4, m - m // 2) + 1),
+        "SOAP-BC twofold + jackknife exact": ("twofold", "jackknife", None,
+                                              lambda m: m - m // 2 + 1)}
+SOAP_STEPS = {"refresh": 0, "no refresh": 1}  # count before the call
+DIMS = {"shampoo": [256, 1024], "soap": [1024]}  # d of the matrix families
 EIGH, PROJECTION, ADAM_MEAN = "one eigh", "one projection", "optax.adam"
 
 
@@ -344,7 +361,45 @@ def shampoo_summary(v: dict, m: int) -> dict:
           for stat in ("median_ms", "cpu_median_ms")}
 
 
-CELLS = {"adam": adam_cell, "sophia": sophia_cell, "shampoo": shampoo_cell}
+def soap_cell(d: int, m: int, libs: dict, args) -> dict:
+  params = {"w": jnp.zeros((d, d), jnp.float32)}
+  grads = {"w": jax.random.normal(jax.random.key(0), (m, d, d)) + 0.3}
+  q = jnp.linalg.qr(jax.random.normal(jax.random.key(1), (1, d, d)))[0]
+  adam = optax.adam(1e-3)
+  cell = Cell(args)
+  cell.add(ADAM_MEAN, update(adam, bcopt.microbatch_mean), adam.init(params),
+           grads)
+  cell.add(PROJECTION, lambda s, *a: (shampoo_src._project(*a), s),  # pylint: disable=protected-access
+           jnp.zeros(()), q, grads["w"][:1], q, donate=False)
+  for tag, lib in libs.items():
+    for name in filter(lambda name: chosen(args, name), SOAP):
+      cf, ic, k, _ = SOAP[name]
+      tx = lib.scale_by_soap_bc(cross_fit=cf, inverse_correction=ic,
+                                variance_groups=k)
+      program = update(tx)
+      for kind, count in SOAP_STEPS.items():
+        cell.add(f"{name}, {kind}{tag}", program, tx.init(params), grads,
+                 params, prepare=lambda s, c=count: harness.with_count(s, c))
+        program = getattr(cell.runners.get(f"{name}, {kind}{tag}"),
+                          "compiled", program)  # one program for both
+  cell = {"d": d, "M": m, **cell.measure({"adam": ADAM_MEAN}, d * d)}
+  v, base = cell["variants"], "SOAP, no refresh"
+  cell["summary"] = {stat: {
+      **{f"{name}, {kind} / SOAP": round(
+          v[f"{name}, {kind}"][stat] / v[f"SOAP, {kind}"][stat], 4)
+         for name in SOAP for kind in SOAP_STEPS
+         if {f"{name}, {kind}", f"SOAP, {kind}"} <= set(v)},
+      **{f"{name}: predicted / SOAP": round(1 + SOAP[name][3](m) * v[
+          PROJECTION][stat] / v[base][stat], 4)
+         for name in SOAP if PROJECTION in v and base in v},
+      "SOAP, no refresh / optax.adam": round(
+          v[base][stat] / v[ADAM_MEAN][stat], 4) if base in v else None}
+                     for stat in ("median_ms", "cpu_median_ms")}
+  return cell
+
+
+CELLS = {"adam": adam_cell, "sophia": sophia_cell, "shampoo": shampoo_cell,
+         "soap": soap_cell}
 
 
 # Report ---------------------------------------------------------------------
@@ -401,6 +456,15 @@ def report(families: dict, ref) -> str:
                  *(f"{c['gradients_bytes'] / 2**20:.4g}" for c in cells)])
     out += ["\n### Shampoo-BC: correction, cost model (wall / CPU), memory\n",
             harness.table(["", *map(label, cells)], rows)]
+  if "soap" in families:
+    cells, ms = families["soap"], ("median_ms", "cpu_median_ms")
+    out += ["\n### SOAP-BC, one d x d parameter: median wall / CPU ms\n",
+            grid(cells, lambda v: slash(v, *ms, ".4g")),
+            "\n### SOAP-BC against SOAP (wall / CPU), and the rotation cost"
+            " model\n", harness.table(["", *map(label, cells)], [
+                [k, *(slash({s: c["summary"][s][k] for s in ms}, *ms, ".3g")
+                      for c in cells)]
+                for k in cells[0]["summary"]["median_ms"]])]
   if ref:
     out += [f"\n### Working tree against bcopt at {ref['commit'][:12]}"
             f" (`--ref {ref['requested']}`)\n", harness.table(
@@ -425,7 +489,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   add("--quick", action="store_true", help="a smoke run (2M, M=8; d=128, "
       "M=4; 3 rounds of <= 10 s); no RESULTS.md section")
   add("--sizes", nargs="+", choices=SIZES, help="adam/sophia trees (2M 16M)")
-  add("--dims", nargs="+", type=int, help="shampoo's d (256 1024)")
+  add("--dims", nargs="+", type=int, help=f"the matrix families' d ({DIMS})")
   add("--microbatches", nargs="+", type=int, help=f"M ({MICROBATCHES})")
   add("--variants", nargs="+", metavar="TEXT", help="only the variants "
       "whose names contain one of these (and the baselines)")
@@ -436,9 +500,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   q = args.quick
   args.sizes = args.sizes or (["2M"] if q else ["2M", "16M"])
-  args.dims = args.dims or ([128] if q else [256, 1024])
+  args.dims = {f: args.dims or ([128] if q else DIMS[f]) for f in DIMS}
   args.microbatches = {f: args.microbatches or (
-      ([4] if f == "shampoo" else [8]) if q else MICROBATCHES[f])
+      ([4] if f in ("shampoo", "soap") else [8]) if q else MICROBATCHES[f])
                        for f in args.family}
   args.reps = args.reps or (3 if q else 15)
   args.max_seconds = args.max_seconds or (10.0 if q else 60.0)
@@ -461,7 +525,7 @@ def main(argv=None) -> dict:
       ref = {"requested": args.ref, "commit": commit}
     for family in args.family:
       families[family] = []
-      for x in args.dims if family == "shampoo" else args.sizes:
+      for x in args.dims.get(family, args.sizes):
         for m in args.microbatches[family]:
           cell = CELLS[family](x, m, libs, args)
           families[family].append(cell)
@@ -474,7 +538,9 @@ def main(argv=None) -> dict:
             "ref": ref, "families": families, "markdown": markdown}
   harness.write_json(args.out, result)
   if not args.quick and not args.ref:
-    harness.write_section("update_cost", f"## Cost of one update "
+    section = "update_cost" + "".join(  # one section per family subset
+        f"_{f}" for f in args.family if set(args.family) != set(FAMILIES))
+    harness.write_section(section, f"## Cost of one update "
                           f"(`{result['command']}`)\n\n{markdown}")
   print(f"wrote {args.out}")
   return result

@@ -17,13 +17,15 @@ STATS = {"rounds", "median_ms", "p25_ms", "p75_ms", "min_ms",
 
 def test_parse_args_defaults_and_quick():
   args = uc.parse_args([])
-  assert args.family == ["adam", "sophia", "shampoo"]
-  assert args.sizes == ["2M", "16M"] and args.dims == [256, 1024]
+  assert args.family == ["adam", "sophia", "shampoo", "soap"]
+  assert args.sizes == ["2M", "16M"]
+  assert args.dims == {"shampoo": [256, 1024], "soap": [1024]}
   assert args.microbatches == {"adam": [2, 8, 32], "sophia": [8],
-                               "shampoo": [4, 16]}
+                               "shampoo": [4, 16], "soap": [8]}
   assert args.out.endswith("results/update_cost.json")
   q = uc.parse_args(["--quick", "--family", "shampoo", "--microbatches", "2"])
-  assert q.microbatches == {"shampoo": [2]} and q.dims == [128]
+  assert q.microbatches == {"shampoo": [2]}
+  assert q.dims == {"shampoo": [128], "soap": [128]}
   assert q.out.endswith("update_cost_quick.json")
   assert uc.parse_args(["--ref", "HEAD"]).out.endswith("update_cost_ref.json")
   with pytest.raises(SystemExit):
@@ -45,7 +47,7 @@ def results_md_before():
 
 @pytest.mark.parametrize("family,variants", [
     ("adam", "loo + jackknife"), ("sophia", "loo + jackknife"),
-    ("shampoo", "twofold")])
+    ("shampoo", "twofold"), ("soap", "SOAP")])
 def test_smoke_run_with_ref_head(family, variants, tmp_path,
                                  results_md_before):
   argv = ["--quick", "--family", family, "--sizes", "tiny", "--dims", "16",
@@ -104,6 +106,16 @@ def test_smoke_run_with_ref_head(family, variants, tmp_path,
       assert mem[f"{name}, non-root"]["temp"] < mem[f"{name}, root"]["temp"]
       assert mem[f"{name}, root"]["temp"] <= v[f"{name}, root"]["memory"][
           "temp"]
+  if family == "soap":  # SOAP and the three SOAP-BC variants
+    assert set(twins) == {f"{name}, {kind}" for kind in uc.SOAP_STEPS
+                          for name in uc.SOAP}
+    s = cell["summary"]["median_ms"]
+    assert s["SOAP-BC loo + jackknife, refresh / SOAP"] == pytest.approx(
+        v["SOAP-BC loo + jackknife, refresh"]["median_ms"]
+        / v["SOAP, refresh"]["median_ms"], rel=1e-3)
+    assert s["SOAP-BC loo + jackknife: predicted / SOAP"] == pytest.approx(
+        1 + 4 * v[uc.PROJECTION]["median_ms"]
+        / v["SOAP, no refresh"]["median_ms"], rel=1e-3)  # M = 4 rotations
   assert harness.RESULTS_MD.read_text() == results_md_before  # --quick
 
 
