@@ -423,6 +423,18 @@ def grid(cells: list, fmt, extra_rows=()) -> str:
   return harness.table(["variant", *map(label, cells)], [*rows, *extra_rows])
 
 
+def soap_report(cells: list) -> str:
+  ms = ("median_ms", "cpu_median_ms")
+  return "\n".join([
+      "\n### SOAP-BC, one d x d parameter: median wall / CPU ms\n",
+      grid(cells, lambda v: slash(v, *ms, ".4g")),
+      "\n### SOAP-BC against SOAP (wall / CPU), and the rotation cost"
+      " model\n", harness.table(["", *map(label, cells)], [
+          [k, *(slash({s: c["summary"][s][k] for s in ms}, *ms, ".3g")
+                for c in cells)]
+          for k in cells[0]["summary"]["median_ms"]])])
+
+
 def report(families: dict, ref) -> str:
   out, x_b = [], lambda v: slash(v["vs"]["b"], "wall", "cpu", ".2f")
   if "adam" in families:
@@ -457,14 +469,7 @@ def report(families: dict, ref) -> str:
     out += ["\n### Shampoo-BC: correction, cost model (wall / CPU), memory\n",
             harness.table(["", *map(label, cells)], rows)]
   if "soap" in families:
-    cells, ms = families["soap"], ("median_ms", "cpu_median_ms")
-    out += ["\n### SOAP-BC, one d x d parameter: median wall / CPU ms\n",
-            grid(cells, lambda v: slash(v, *ms, ".4g")),
-            "\n### SOAP-BC against SOAP (wall / CPU), and the rotation cost"
-            " model\n", harness.table(["", *map(label, cells)], [
-                [k, *(slash({s: c["summary"][s][k] for s in ms}, *ms, ".3g")
-                      for c in cells)]
-                for k in cells[0]["summary"]["median_ms"]])]
+    out.append(soap_report(families["soap"]))
   if ref:
     out += [f"\n### Working tree against bcopt at {ref['commit'][:12]}"
             f" (`--ref {ref['requested']}`)\n", harness.table(
@@ -542,6 +547,11 @@ def main(argv=None) -> dict:
         f"_{f}" for f in args.family if set(args.family) != set(FAMILIES))
     harness.write_section(section, f"## Cost of one update "
                           f"(`{result['command']}`)\n\n{markdown}")
+    if "soap" in families:  # and into its page
+      harness.write_section("soap_cost", soap_report(families["soap"]) + (
+          f"\n\n`{result['command']}` (load {families['soap'][0]['loadavg_start'][0]:.1f}"
+          f" at the start; {os.path.relpath(args.out, harness.ROOT)})"),
+                            harness.ROOT / "docs" / "soap_bc.md")
   print(f"wrote {args.out}")
   return result
 
