@@ -85,6 +85,14 @@ OPTIMIZERS: dict[str, Optimizer] = {
     "shampoo_bc": Optimizer(bcopt.shampoo_bc, dict(
         b1=0.9, b2=0.95, damping=1e-6, precondition_every=10, graft="adam",
         cross_fit="twofold", inverse_correction="jackknife")),
+    # The SOAP authors' recipe (betas 0.95, factors' decay 0.95, a basis
+    # refresh every 10 steps); Adam's update, so AdamW's learning rates.
+    "soap": Optimizer(bcopt.soap_bc, dict(
+        b1=0.95, b2=0.95, eps=1e-8, shampoo_b2=0.95, precondition_every=10,
+        cross_fit=None, inverse_correction=None)),
+    "soap_bc": Optimizer(bcopt.soap_bc, dict(
+        b1=0.95, b2=0.95, eps=1e-8, shampoo_b2=0.95, precondition_every=10,
+        cross_fit="loo", inverse_correction="jackknife")),
 }
 AVERAGES = ("ema", "bema")   # --average: "none" or a comma-separated list
 # Index of the first averaging state in make's chain state (clip, optimizer,

