@@ -99,9 +99,7 @@ STEPS = {"root": 0, "non-root": 1}  # step kind: count before the call
 SOAP = {"SOAP": (None, None, None, lambda m: 0),
         "SOAP-BC loo + jackknife": ("loo", "jackknife", 4, lambda m: m),
         "SOAP-BC twofold + jackknife K=4": ("twofold", "jackknife", 4,
-                                            lambda m: min(4, m - m // 2) + 1),
-        "SOAP-BC twofold + jackknife exact": ("twofold", "jackknife", None,
-                                              lambda m: m - m // 2 + 1)}
+                                            lambda m: min(4, m - m // 2) + 1)}
 SOAP_STEPS = {"refresh": 0, "no refresh": 1}  # count before the call
 DIMS = {"shampoo": [256, 1024], "soap": [1024]}  # d of the matrix families
 EIGH, PROJECTION, ADAM_MEAN = "one eigh", "one projection", "optax.adam"
