@@ -54,7 +54,9 @@ FACTORIES = {"adamw_bc": bcopt.adamw_bc, "sophia_bc": bcopt.sophia_bc,
 SCHEMES = {"adamw_bc": (None, "twofold", "symmetric", "loo"),
            "sophia_bc": (None, "twofold", "symmetric", "loo"),
            "shampoo_bc": (None, "twofold", "symmetric"),
-           "soap_bc": (None, "twofold", "symmetric", "loo")}
+           # SOAP's schemes are AdamW-BC's code (tests/test_soap.py):
+           # one rotating the stack, one rotating group means.
+           "soap_bc": ("twofold", "loo")}
 DEFAULT_SCHEME = {"adamw_bc": "loo", "sophia_bc": "loo",
                   "shampoo_bc": "twofold", "soap_bc": "loo"}
 # Hyperparameters of the contract runs (lr: peak of a cosine decay in the
