@@ -546,9 +546,11 @@ def main(argv=None) -> dict:
     harness.write_section(section, f"## Cost of one update "
                           f"(`{result['command']}`)\n\n{markdown}")
     if "soap" in families:  # and into its page
-      harness.write_section("soap_cost", soap_report(families["soap"]) + (
-          f"\n\n`{result['command']}` (load {families['soap'][0]['loadavg_start'][0]:.1f}"
-          f" at the start; {os.path.relpath(args.out, harness.ROOT)})"),
+      cells = families["soap"]
+      harness.write_section("soap_cost", (
+          f"{soap_report(cells)}\n\n`{result['command']}` (load "
+          f"{cells[0]['loadavg_start'][0]:.1f} at the start; "
+          f"{os.path.relpath(args.out, harness.ROOT)})"),
                             harness.ROOT / "docs" / "soap_bc.md")
   print(f"wrote {args.out}")
   return result
