@@ -203,7 +203,8 @@ def scale_by_soap_bc(
   Cost per step, in rotations (two tile products each): the state needs
   two (:math:`\mu`'s numerator term is rotated with the mean, and
   :math:`\mathrm{rot}(\bar G)`). ``"loo"`` rotates every microbatch once
-  (:math:`M`) and works on the rotated stack. The other schemes rotate
+  (:math:`M`) and works on the rotated stack, which it holds (float32, the
+  size of the gradients) during the step. The other schemes rotate
   group means only: one per numerator and per preconditioner group, plus
   the jackknife's :math:`K' = \min(K, n)` leave-a-subgroup-out means per
   preconditioner group (``variance_groups`` :math:`K`; ``None`` leaves out
