@@ -430,7 +430,11 @@ def soap_report(cells: list) -> str:
       " model\n", harness.table(["", *map(label, cells)], [
           [k, *(slash({s: c["summary"][s][k] for s in ms}, *ms, ".3g")
                 for c in cells)]
-          for k in cells[0]["summary"]["median_ms"]])])
+          for k in cells[0]["summary"]["median_ms"]]),
+      "\n### XLA's temp / peak MiB of each variant's program (both step"
+      " kinds, lax.cond)\n",
+      grid(cells, lambda v: slash({k: x / 2**20 for k, x in v[
+          "memory"].items()}, "temp", "peak_bound", ".4g"))])
 
 
 def report(families: dict, ref) -> str:
