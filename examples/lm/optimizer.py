@@ -3,7 +3,9 @@
 ``OPTIMIZERS`` maps each ``--optimizer`` name to an ``Optimizer``: a factory
 called as ``factory(learning_rate, weight_decay=..., mask=...,
 axis_name=..., **kwargs)`` that returns a transform of microbatched
-gradients, its keyword arguments, and whether it takes Sophia's curvature.
+gradients, its keyword arguments, and its periodic step kind (Sophia's
+curvature refresh, Shampoo's root step), compiled apart from its other
+steps.
 The ``_bc`` entries use the paper's reference settings (with each family's
 headline scheme); the plain entries are the same transforms
 with the bias corrections off. ``--cross-fit``/``--inverse-correction``
@@ -42,6 +44,9 @@ class Optimizer(NamedTuple):
   factory: Callable[..., optax.GradientTransformation]   # see module doc
   kwargs: dict[str, Any]   # passed to the factory (overridable switches)
   curvature: bool = False  # takes ``curvature=`` (GNB) on refresh steps
+  root_step: bool = False  # takes ``root_step=`` (Shampoo-BC): root and
+  #                          other steps compile apart, so the other steps
+  #                          hold no root-step scratch memory
 
 
 def mean_gradient(factory: Callable[..., optax.GradientTransformation]
@@ -104,10 +109,10 @@ OPTIMIZERS: dict[str, Optimizer] = {
     # Grafted to Adam's per-tile norm, so Shampoo shares AdamW's learning rate.
     "shampoo": Optimizer(bcopt.shampoo_bc, dict(
         b1=0.9, b2=0.95, damping=1e-6, precondition_every=10, graft="adam",
-        cross_fit=None, inverse_correction=None)),
+        cross_fit=None, inverse_correction=None), root_step=True),
     "shampoo_bc": Optimizer(bcopt.shampoo_bc, dict(
         b1=0.9, b2=0.95, damping=1e-6, precondition_every=10, graft="adam",
-        cross_fit="twofold", inverse_correction="jackknife")),
+        cross_fit="twofold", inverse_correction="jackknife"), root_step=True),
     # The SOAP authors' recipe (betas 0.95, factors' decay 0.95, a basis
     # refresh every 10 steps); Adam's update, so AdamW's learning rates.
     "soap": Optimizer(bcopt.soap_bc, dict(
@@ -146,6 +151,24 @@ def optimizer_kwargs(cfg: Config) -> dict[str, Any]:
 def takes_curvature(cfg: Config) -> bool:
   """Whether the optimizer refreshes GNB curvature (Sophia)."""
   return OPTIMIZERS[cfg.optimizer].curvature
+
+
+def periodic_every(cfg: Config) -> int | None:
+  """Steps between the optimizer's periodic steps (1, k+1, 2k+1, ...):
+  Sophia's curvature refreshes (``--curvature-every``), Shampoo's root
+  steps (its ``precondition_every``); None when all steps are alike."""
+  entry = OPTIMIZERS[cfg.optimizer]
+  if entry.curvature:
+    return cfg.curvature_every
+  if entry.root_step:
+    return entry.kwargs["precondition_every"]
+  return None
+
+
+def step_kwargs(cfg: Config, periodic: bool) -> dict[str, Any]:
+  """Static keyword arguments of ``tx.update`` for a step kind (Shampoo's
+  ``root_step``; Sophia's curvature is an array, passed by the step)."""
+  return {"root_step": periodic} if OPTIMIZERS[cfg.optimizer].root_step else {}
 
 
 def learning_rate(cfg: Config) -> optax.Schedule:

@@ -5,7 +5,9 @@
 One pure jitted train step with donated state: per-microbatch gradients by
 ``jax.vmap`` or, with ``--microbatch-mode scan``, one microbatch after another
 (and, on Sophia's refresh steps, per-microbatch GNB curvature), then
-optimizer.py's chain. The step is jitted on a ``("data", "fsdp")`` mesh
+optimizer.py's chain. An optimizer with a periodic step kind (Sophia's
+curvature refresh, Shampoo's root step) has two compiled steps, so the other
+steps hold none of the periodic step's inputs or scratch memory. The step is jitted on a ``("data", "fsdp")`` mesh
 (``--mesh``): the microbatch axis of the batch and of the stacked gradients is
 sharded over ``data``, the parameters and optimizer state over ``fsdp``, and
 XLA's partitioner inserts the collectives. Batches are a pure function of
@@ -79,7 +81,8 @@ def per_microbatch(fn: Callable, xs, *, mode: str, data: int):
 def train_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
                tx: optax.GradientTransformation, model_cfg: model_lib.Config,
                mesh: jax.sharding.Mesh, mode: str, grad_dtype: str,
-               refresh: bool) -> tuple[dict, jax.Array]:
+               refresh: bool, curvature: bool = False,
+               update_kwargs: dict | None = None) -> tuple[dict, jax.Array]:
   """One optimizer step on M microbatches of B windows of T + 1 tokens.
 
   Jitted on ``mesh``: the M axis of the windows and of the stacked
@@ -97,8 +100,12 @@ def train_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
     mesh: the ``(data, fsdp)`` mesh.
     mode: ``"vmap"`` or ``"scan"`` (``per_microbatch``).
     grad_dtype: dtype of the stacked microbatch gradients.
-    refresh: a Sophia curvature-refresh step (GNB curvature is computed and
-      passed to ``tx`` as ``curvature``).
+    refresh: the optimizer's periodic step (``optimizer.periodic_every``):
+      Sophia's curvature refresh, Shampoo's root step.
+    curvature: the optimizer takes GNB curvature on refresh steps (it is
+      computed and passed to ``tx`` as ``curvature``).
+    update_kwargs: static keyword arguments of ``tx.update`` for this step
+      kind (``optimizer.step_kwargs``: Shampoo's ``root_step``).
 
   Returns:
     ``(state, loss)``: the state after the step and the mean training loss
@@ -118,7 +125,7 @@ def train_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
     loss, grads = jax.value_and_grad(loss_fn)(params, windows_BxT1)
     out = {"loss": loss, "grads": jax.tree.map(
         lambda g: g.astype(grad_dtype), grads)}
-    if refresh:   # Sophia: GNB curvature of the microbatch
+    if refresh and curvature:   # Sophia: GNB curvature of the microbatch
       out["curvature"] = bcopt.gnb_diag(logits_fn, params, windows_BxT1[:, :-1],
                                         jax.random.fold_in(step_key, j))
     return out
@@ -130,7 +137,8 @@ def train_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
   extra = {k: jax.lax.with_sharding_constraint(out[k], stacked)
            for k in ("grads", "curvature") if k in out}
   grads = extra.pop("grads")
-  updates, opt_state = tx.update(grads, state["opt_state"], params, **extra)
+  updates, opt_state = tx.update(grads, state["opt_state"], params, **extra,
+                                 **(update_kwargs or {}))
   return {"params": optax.apply_updates(params, updates),
           "opt_state": opt_state, "step": step}, out["loss"].mean()
 
@@ -163,7 +171,8 @@ class Program(NamedTuple):
   tx: optax.GradientTransformation   # optimizer.make(cfg)
   init: Callable         # key -> state {"params", "opt_state", "step"}
   restart: Callable      # params -> that state at step 0 (--init-from)
-  train_steps: dict      # {refresh: (state, windows, key) -> (state, loss)}
+  train_steps: dict      # {periodic step?: (state, windows, key) -> (state,
+  #                        loss)}; True only with optimizer.periodic_every
   eval_step: Callable    # (params, windows_NxMxBxT1) -> mean loss
 
 
@@ -231,11 +240,13 @@ def build(cfg: Config, model_cfg: model_lib.Config) -> Program:
     return restart(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
   train_steps = {}
-  for refresh in (False, True) if optimizer_lib.takes_curvature(cfg) else (
+  for refresh in (False, True) if optimizer_lib.periodic_every(cfg) else (
       False,):
     step = functools.partial(
         train_step, tx=tx, model_cfg=model_cfg, mesh=mesh,
-        mode=cfg.microbatch_mode, grad_dtype=cfg.grad_dtype, refresh=refresh)
+        mode=cfg.microbatch_mode, grad_dtype=cfg.grad_dtype, refresh=refresh,
+        curvature=optimizer_lib.takes_curvature(cfg),
+        update_kwargs=optimizer_lib.step_kwargs(cfg, refresh))
     train_steps[refresh] = jax.jit(
         step, out_shardings=(shardings, replicated), donate_argnums=0,
         compiler_options=options)
@@ -317,7 +328,9 @@ def dry_run(cfg: Config) -> dict:
   memory = step_memory(cfg, model_cfg)
   mib = lambda b: f"{b / 2**20:,.1f} MiB"
   for refresh, b in memory.items():
-    print(f"train step{' (curvature refresh)' if refresh else ''}, per "
+    kind = ("curvature refresh" if optimizer_lib.takes_curvature(cfg)
+            else "root step")
+    print(f"train step{f' ({kind})' if refresh else ''}, per "
           f"device on --mesh {cfg.mesh_name} "
           f"({cfg.microbatch_mode}, {cfg.grad_dtype} gradients): "
           + ", ".join(f"{k} {mib(v)}" for k, v in b.items()))
@@ -410,8 +423,8 @@ def train_loop(cfg: Config, prog: Program, corpus: data_lib.Corpus,
       for step in range(start + 1, end + 1):   # the 1-based step being taken
         windows = data_lib.train_batch(corpus.train, seed=cfg.seed, step=step,
                                        noise=cfg.noise, **shape)
-        refresh = (optimizer_lib.takes_curvature(cfg)
-                   and (step - 1) % cfg.curvature_every == 0)
+        every = optimizer_lib.periodic_every(cfg)
+        refresh = every is not None and (step - 1) % every == 0
         state, loss = prog.train_steps[refresh](state, place(prog, windows, 0),
                                                 key)
         loss = float(loss)
