@@ -286,16 +286,37 @@ def subgroup_means(updates: PyTree, mb: Microbatches, group: str,
                    count: Optional[int]) -> PyTree:
   """Means of a group's contiguous subgroups (:func:`subgroup_weights`),
   across the named axis: leaves ``(K',) + shape``, accumulated in float32
-  (or higher), from one weighted pass over the microbatches."""
+  (or higher).
+
+  On a local, unsharded axis (no ``axis_name``, one block: where
+  :func:`group` slices) each subgroup is a static slice summed in order,
+  so every microbatch is read once; otherwise one weighted pass visits
+  every microbatch for all ``K'`` sums. Both add a subgroup's members in
+  the same order (a zero weight adds an exact zero), so they agree bitwise
+  on finite gradients; a non-finite gradient poisons only its own
+  subgroup's slice sum, but every weighted sum (``0 * inf``)."""
   sizes = subgroup_sizes(group_size(mb, group), count)
+  if mb.axis_name is None and mb.blocks == 1:
+    bounds = np.cumsum((mb.total // 2 if group == "second" else 0,) + sizes)
 
-  def term(g_j, w_j):
-    return jax.tree.map(lambda x: w_j.astype(x.dtype).reshape(
-        (-1,) + (1,) * x.ndim) * x[None], numerics.upcast(g_j))
+    def slice_sums(x):
+      def subgroup(start, stop):
+        total = numerics.upcast(x[start])
+        for j in range(start + 1, stop):
+          total = total + numerics.upcast(x[j])
+        return total
+      return jnp.stack([subgroup(int(a), int(b))
+                        for a, b in zip(bounds[:-1], bounds[1:])])
 
-  total = sum_over_microbatches(term, updates,
-                                subgroup_weights(mb, group, count),
-                                axis_name=mb.axis_name)
+    total = jax.tree.map(slice_sums, updates)
+  else:
+    def term(g_j, w_j):
+      return jax.tree.map(lambda x: w_j.astype(x.dtype).reshape(
+          (-1,) + (1,) * x.ndim) * x[None], numerics.upcast(g_j))
+
+    total = sum_over_microbatches(term, updates,
+                                  subgroup_weights(mb, group, count),
+                                  axis_name=mb.axis_name)
   scale = 1.0 / np.asarray(sizes, np.float64)
   return jax.tree.map(lambda t: t * scale.astype(t.dtype).reshape(
       (-1,) + (1,) * (t.ndim - 1)), total)

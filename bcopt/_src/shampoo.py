@@ -299,7 +299,7 @@ def _grouped_variance(tilings, eigen, grads, mb, group_name, groups, *, b2,
   r"""The delete-a-group jackknife variance of every eigenvalue.
 
   The group's ``n`` microbatches form ``K'`` contiguous subgroups of sizes
-  :math:`n_k` (their means from one weighted pass over the microbatches,
+  :math:`n_k` (their means from one pass over the microbatches,
   :func:`bcopt._src.microbatch.subgroup_means`). Their projections
   :math:`Z_k = Q_L^\top \bar G_k Q_R` (``K'`` per tile) give
   :math:`n \bar Z = \sum_k n_k Z_k` and, by linearity,
