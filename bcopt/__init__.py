@@ -16,6 +16,9 @@ from bcopt._src.averaging import bema
 from bcopt._src.averaging import bema_params
 from bcopt._src.averaging import ema
 from bcopt._src.crossfit import cross_fit
+from bcopt._src.diagnostics import Diagnostics
+from bcopt._src.diagnostics import DiagnosticsState
+from bcopt._src.diagnostics import microbatch_diagnostics
 from bcopt._src.inverse import variance_correct_inverse
 from bcopt._src.microbatch import microbatch_mean
 from bcopt._src.shampoo import ScaleByShampooBCState
@@ -42,6 +45,9 @@ __all__ = (
     "bema_params",
     "ema",
     "cross_fit",
+    "Diagnostics",
+    "DiagnosticsState",
+    "microbatch_diagnostics",
     "variance_correct_inverse",
     "microbatch_mean",
     "ScaleByShampooBCState",

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from bcopt._src import crossfit
+from bcopt._src import diagnostics as diagnostics_lib
 from bcopt._src import inverse
 from bcopt._src import microbatch
 from bcopt._src import numerics
@@ -76,6 +77,7 @@ def scale_by_adam_bc(
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
     axis_name: Optional[str] = None,
+    diagnostics: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescale microbatched gradients by bias-corrected Adam.
 
@@ -112,6 +114,11 @@ def scale_by_adam_bc(
     axis_name: named microbatch axis when ``update`` runs inside ``pmap``,
       ``shard_map`` or ``vmap(axis_name=...)``; statistics are then reduced
       with collectives over it.
+    diagnostics: also measure, on every update and from the same passes,
+      the gradient noise scale and how much cross-fitting and the
+      correction change the step; the state is then a
+      ``bcopt.DiagnosticsState`` around the one above (read it with
+      :func:`bcopt.microbatch_diagnostics`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -146,7 +153,7 @@ def scale_by_adam_bc(
         nu=numerics.zeros_moment(params, nu_dtype),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, *, diagnostics):
     mb = microbatch.layout(updates, axis_name, params)
     crossfit.check_microbatch_count(mb, cross_fit, inverse_correction)
     count = optax.safe_increment(state.count)
@@ -154,18 +161,27 @@ def scale_by_adam_bc(
         state.mu, state.nu, count, b1, b2, eps)
     direction = crossfit.cross_fitted(
         updates, numerator_fn, denominator_fn, mb, scheme=cross_fit,
-        inverse_correction=inverse_correction)
-    g_bar = microbatch.mean(updates, mb)
+        inverse_correction=inverse_correction, diagnostics=diagnostics)
+    measured = None
+    if diagnostics:
+      direction, uncorrected, standard = direction
+      mean_sq_sum = microbatch.mean_and_squares(updates, mb)
+      g_bar = mean_sq_sum[0]
+      measured = diagnostics_lib.measure(mb, mean_sq_sum, direction,
+                                         uncorrected, standard, g_bar)
+    else:
+      g_bar = microbatch.mean(updates, mb)
     new_state = ScaleByAdamBCState(
         count=count,
         mu=numerics.update_moment(state.mu, g_bar, b1),
         nu=numerics.update_moment(state.nu, jax.tree.map(jnp.square, g_bar),
                                   b2),
     )
-    return optax.tree.cast_like(direction, updates), new_state
+    return optax.tree.cast_like(direction, updates), new_state, measured
 
+  init, update = diagnostics_lib.transform(init_fn, update_fn, diagnostics)
   return optax.GradientTransformation(
-      init_fn, microbatch.on_explicit_mesh(update_fn))
+      init, microbatch.on_explicit_mesh(update))
 
 
 def adamw_bc(
@@ -181,6 +197,7 @@ def adamw_bc(
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
     axis_name: Optional[str] = None,
+    diagnostics: bool = False,
 ) -> optax.GradientTransformation:
   r"""AdamW with cross-fitting and variance-corrected inversion.
 
@@ -204,7 +221,8 @@ def adamw_bc(
     inverse_correction: ``None``, ``"jackknife"`` or ``"paper"``.
     mask: as in ``optax.adamw``: a tree (or callable) of booleans selecting
       the parameters that decay.
-    mu_dtype, nu_dtype, axis_name: see :func:`scale_by_adam_bc`.
+    mu_dtype, nu_dtype, axis_name, diagnostics: see
+      :func:`scale_by_adam_bc`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -228,7 +246,7 @@ def adamw_bc(
       scale_by_adam_bc(
           b1, b2, eps, cross_fit=cross_fit,
           inverse_correction=inverse_correction, mu_dtype=mu_dtype,
-          nu_dtype=nu_dtype, axis_name=axis_name),
+          nu_dtype=nu_dtype, axis_name=axis_name, diagnostics=diagnostics),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

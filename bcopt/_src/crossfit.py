@@ -317,13 +317,18 @@ def cross_fitted(
     stats: Optional[PyTree] = None,
     combine: Optional[Callable[[PyTree, PyTree], PyTree]] = None,
     variance_groups: Optional[int] = None,
+    diagnostics: bool = False,
 ) -> PyTree:
   """:func:`cross_fit` on inputs already checked against the layout ``mb``.
 
   The transforms call this after checking their inputs once per update.
   ``variance_groups`` (:func:`group_inverse`) applies to the jackknife of
   the two-fold and standard schemes; the LOO folds are the jackknife's
-  leave-one-out values themselves.
+  leave-one-out values themselves. With ``diagnostics`` it returns
+  ``(u, u_uncorrected, u_standard)``: the update, the same scheme with the
+  plain inverse, and the standard scheme with the plain inverse (what the
+  microbatch diagnostics compare), from the same passes over the
+  microbatches.
   """
   combine = _multiply if combine is None else combine
   stats = updates if stats is None else stats
@@ -343,20 +348,39 @@ def cross_fitted(
         group.name, inverse_correction, exponent=exponent, loo=loo_values,
         variance_groups=variance_groups)
 
+  def plain(numerator_mean: PyTree, preconditioner_mean: PyTree) -> PyTree:
+    return combine(numerator_fn(numerator_mean),
+                   inverse.variance_correct_inverse(
+                       denominator_fn(preconditioner_mean), exponent=exponent))
+
+  def result(u, u_uncorrected, s_bar, g_bar):
+    if not diagnostics:
+      return u
+    return u, u_uncorrected, plain(g_bar, s_bar)
+
   if scheme is None:
     s_bar = group_means(stats, "all")
     g_bar = s_bar if same_stats else group_means(updates, "all")
-    return combine(numerator_fn(g_bar), corrected_inverse("all", s_bar))
+    u = combine(numerator_fn(g_bar), corrected_inverse("all", s_bar))
+    return result(u, plain(g_bar, s_bar) if diagnostics else None, s_bar,
+                  g_bar)
 
   if scheme in ("twofold", "symmetric"):
     s_a, s_b = group_means(stats, "first"), group_means(stats, "second")
     g_a, g_b = (s_a, s_b) if same_stats else (
         group_means(updates, "first"), group_means(updates, "second"))
-    u_ab = combine(numerator_fn(g_a), corrected_inverse("second", s_b))
-    if scheme == "twofold":
-      return u_ab
-    u_ba = combine(numerator_fn(g_b), corrected_inverse("first", s_a))
-    return jax.tree.map(lambda x, y: 0.5 * (x + y), u_ab, u_ba)
+    n_a, m = microbatch.group_size(mb, "first"), mb.total
+    whole = lambda a, b: jax.tree.map(
+        lambda x, y: (n_a * x + (m - n_a) * y) / m, a, b)
+    s_bar = whole(s_a, s_b)
+    g_bar = s_bar if same_stats else whole(g_a, g_b)
+    u = combine(numerator_fn(g_a), corrected_inverse("second", s_b))
+    u_plain = plain(g_a, s_b) if diagnostics else None
+    if scheme == "symmetric":
+      half = lambda x, y: jax.tree.map(lambda a, b: 0.5 * (a + b), x, y)
+      u = half(u, combine(numerator_fn(g_b), corrected_inverse("first", s_a)))
+      u_plain = half(u_plain, plain(g_b, s_a)) if diagnostics else None
+    return result(u, u_plain, s_bar, g_bar)
 
   # Leave-one-out: fold r has numerator g_r and preconditioner "all but r";
   # the jackknife/paper variance is the spread of the fold denominators.
@@ -371,9 +395,18 @@ def cross_fitted(
 
   def fold(g_r, s_r):
     p = denominator_fn(_loo_mean(s_bar, numerics.upcast(s_r), m))
-    inv = inverse.variance_correct_inverse(p, variance, exponent=exponent)
-    return combine(numerator_fn(numerics.upcast(g_r)), inv)
+    numerator = numerator_fn(numerics.upcast(g_r))
+    u = combine(numerator, inverse.variance_correct_inverse(
+        p, variance, exponent=exponent))
+    if not diagnostics:
+      return u
+    return u, combine(numerator, inverse.variance_correct_inverse(
+        p, exponent=exponent))
 
   total = microbatch.sum_over_microbatches(
       fold, updates, stats, axis_name=mb.axis_name)
-  return jax.tree.map(lambda x: x / m, total)
+  total = jax.tree.map(lambda x: x / m, total)
+  if not diagnostics:
+    return total
+  g_bar = s_bar if same_stats else group_means(updates, "all")
+  return result(*total, s_bar, g_bar)

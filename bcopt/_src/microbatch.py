@@ -498,6 +498,20 @@ def mean(updates: PyTree, mb: Microbatches, group: str = "all") -> PyTree:
   return jax.tree.map(lambda t: t / n, total)
 
 
+def mean_and_squares(updates: PyTree, mb: Microbatches
+                     ) -> tuple[PyTree, PyTree]:
+  """:func:`mean` over all microbatches and, from the same pass, the sum
+  over microbatches of each leaf's squared norm ``sum_j ||g_j||^2`` (a
+  float32 scalar per leaf, or higher)."""
+  def term(g_j):
+    g_j = numerics.upcast(g_j)
+    return g_j, jax.tree.map(lambda x: jnp.sum(x * x), g_j)
+
+  total, squares = sum_over_microbatches(term, updates,
+                                         axis_name=mb.axis_name)
+  return jax.tree.map(lambda t: t / mb.total, total), squares
+
+
 def microbatch_mean(updates: PyTree, axis_name: Optional[str] = None) -> PyTree:
   """The full-batch mean gradient ``gbar`` of microbatched gradients.
 

@@ -380,7 +380,8 @@ def _eigenvalue_variance(tilings, eigen, spectra, grads, mb, group_name, *,
 
 
 def _candidate_roots(tilings, factors, group_mean, grads, mb, group_name, *,
-                     b2, damping, exponent, estimator, groups) -> PyTree:
+                     b2, damping, exponent, estimator, groups,
+                     plain=False) -> PyTree:
   """Candidate factors and corrected roots from one group's statistic.
 
   Args:
@@ -393,8 +394,11 @@ def _candidate_roots(tilings, factors, group_mean, grads, mb, group_name, *,
     b2, damping, exponent, estimator: as in :func:`scale_by_shampoo_bc`.
     groups: its ``variance_groups``.
 
+    plain: also return the uncorrected roots (for the diagnostics).
+
   Returns:
-    A ``_Factors`` per eligible leaf: ``(L_c, R_c, P_L, P_R)``.
+    A ``_Factors`` per eligible leaf: ``(L_c, R_c, P_L, P_R)``; with
+    ``plain``, a pair of such trees: corrected and uncorrected roots.
   """
   eigen = jax.tree.map(
       lambda t, f, s: _eigen(t, f, s, b2, damping), tilings, factors,
@@ -406,13 +410,19 @@ def _candidate_roots(tilings, factors, group_mean, grads, mb, group_name, *,
     variance = _eigenvalue_variance(
         tilings, eigen, spectra, grads, mb, group_name, b2=b2,
         damping=damping, estimator=estimator, groups=groups)
-  roots = inverse.variance_correct_inverse(spectra, variance,
-                                           exponent=exponent)
-  return jax.tree.map(
-      lambda t, e, d: _Factors(
-          e.left, e.right, _root(e.left_vectors, d[..., :t.row_size]),
-          _root(e.right_vectors, d[..., t.row_size:])),
-      tilings, eigen, roots)
+  def factors_with(roots):
+    return jax.tree.map(
+        lambda t, e, d: _Factors(
+            e.left, e.right, _root(e.left_vectors, d[..., :t.row_size]),
+            _root(e.right_vectors, d[..., t.row_size:])),
+        tilings, eigen, roots)
+
+  corrected = factors_with(inverse.variance_correct_inverse(
+      spectra, variance, exponent=exponent))
+  if not plain:
+    return corrected
+  return corrected, factors_with(inverse.variance_correct_inverse(
+      spectra, exponent=exponent))
 
 
 def _momentum(tilings, mu, a, b1) -> PyTree:
@@ -476,40 +486,59 @@ def check_root_step(root_step: Any) -> None:
       f" inside the program), got {root_step!r}.")
 
 
-def _cached_step(tilings, factors, mu, g_bar, *, b1):
-  """A non-root step: the cached roots on the full-batch momentum."""
-  return _precondition(tilings, factors, _momentum(tilings, mu, g_bar, b1)
-                       ), factors
+def _cached_step(tilings, factors, mu, g_bar, *, b1, diagnostics=False):
+  """A non-root step: the cached roots on the full-batch momentum (no
+  coupling, no correction: with ``diagnostics`` the three directions of
+  :func:`_root_step` are this one)."""
+  u = _precondition(tilings, factors, _momentum(tilings, mu, g_bar, b1))
+  return ((u, u, u) if diagnostics else u), factors
 
 
 def _root_step(tilings, factors, mu, grads, g_bar, mb, *, b1, scheme,
-               **roots_kwargs):
+               diagnostics=False, **roots_kwargs):
   """A root step: the scheme's candidate roots, and new persistent ones.
 
   The persistent factors and roots come from the full batch; the update
   uses the roots of the scheme's preconditioner group on the momentum of
   its numerator group (the cross-fit table of docs/algorithms.md; tiles
   whose candidate roots are not finite fall back to the cached roots).
+  With ``diagnostics`` the update is the triple ``(u, u_uncorrected,
+  u_standard)``: the same with uncorrected roots, and the full batch's
+  uncorrected roots on the full batch's momentum.
   """
   def candidate(name):
     mean = g_bar if name == "all" else microbatch.mean(grads, mb, name)
     return _candidate_roots(tilings, factors, mean, grads, mb, name,
-                            **roots_kwargs)
+                            plain=diagnostics, **roots_kwargs)
 
-  persistent = _finite_factors(tilings, candidate("all"), factors)
+  def roots_of(candidates):
+    corrected, plain = candidates if diagnostics else (candidates, None)
+    guard = lambda r: _finite_roots(tilings, r, factors)
+    return guard(corrected), plain if plain is None else guard(plain)
+
+  momentum = lambda a: _momentum(tilings, mu, a, b1)
+  everything = candidate("all")
+  persistent = _finite_factors(
+      tilings, everything[0] if diagnostics else everything, factors)
+  standard = None
+  if diagnostics:
+    standard = _precondition(tilings, roots_of(everything)[1],
+                             momentum(g_bar))
   if scheme is None:
-    return _precondition(tilings, persistent,
-                         _momentum(tilings, mu, g_bar, b1)), persistent
+    u = _precondition(tilings, persistent, momentum(g_bar))
+    return ((u, standard, standard) if diagnostics else u), persistent
 
   def fold(numerator_group, preconditioner_group):
-    roots = _finite_roots(tilings, candidate(preconditioner_group), factors)
-    return _precondition(tilings, roots, _momentum(
-        tilings, mu, microbatch.mean(grads, mb, numerator_group), b1))
+    corrected, plain = roots_of(candidate(preconditioner_group))
+    mom = momentum(microbatch.mean(grads, mb, numerator_group))
+    u = _precondition(tilings, corrected, mom)
+    return (u, _precondition(tilings, plain, mom)) if diagnostics else u
 
+  half = lambda x, y: jax.tree.map(lambda a, b: 0.5 * (a + b), x, y)
   u = fold("first", "second")
   if scheme == "symmetric":
-    u = jax.tree.map(lambda x, y: 0.5 * (x + y), u, fold("second", "first"))
-  return u, persistent
+    u = half(u, fold("second", "first"))
+  return ((*u, standard) if diagnostics else u), persistent
 
 
 def scale_by_shampoo_bc(

@@ -28,6 +28,7 @@ import optax
 
 from bcopt._src import adam
 from bcopt._src import crossfit
+from bcopt._src import diagnostics as diagnostics_lib
 from bcopt._src import inverse
 from bcopt._src import microbatch
 from bcopt._src import numerics
@@ -163,6 +164,7 @@ def scale_by_soap_bc(
     variance_groups: Optional[int] = 4,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     axis_name: Optional[str] = None,
+    diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale microbatched gradients by bias-corrected SOAP.
 
@@ -244,6 +246,9 @@ def scale_by_soap_bc(
     mu_dtype: dtype of :math:`\mu` (default float32, or wider params').
     axis_name: named microbatch axis when ``update`` runs inside ``pmap``,
       ``shard_map`` or ``vmap(axis_name=...)``.
+    diagnostics: also measure the microbatch diagnostics (as
+      :func:`bcopt.scale_by_adam_bc`; the shares in the rotated
+      coordinates, whose norms are the original ones').
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -298,7 +303,7 @@ def scale_by_soap_bc(
         left=side("left", False), right=side("right", False),
         left_basis=side("left", True), right_basis=side("right", True))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, diagnostics, **extra_args):
     del extra_args  # optax chains forward every keyword argument
     mb = microbatch.layout(updates, axis_name, params)
     crossfit.check_microbatch_count(mb, cross_fit, inverse_correction)
@@ -328,12 +333,17 @@ def scale_by_soap_bc(
     rotated_u = crossfit.cross_fitted(
         grads, numerator_fn, denominator_fn, mb, scheme=cross_fit,
         inverse_correction=inverse_correction,
-        variance_groups=variance_groups)
+        variance_groups=variance_groups, diagnostics=diagnostics)
+    if diagnostics:
+      rotated_u, uncorrected, standard = rotated_u
+      mean_sq_sum = microbatch.mean_and_squares(updates, mb)
+      measured = diagnostics_lib.measure(mb, mean_sq_sum, rotated_u,
+                                         uncorrected, standard, updates)
     directions = jax.tree.map(
         lambda z, b, q_l, q_r: _rotate_back(b, z, q_l, q_r) if _rotated(b)
         else z, rotated_u, bases, state.left_basis, state.right_basis)
 
-    g_bar = microbatch.mean(updates, mb)
+    g_bar = mean_sq_sum[0] if diagnostics else microbatch.mean(updates, mb)
     left = _factors(bases, state.left, g_bar, shampoo_b2, "left")
     right = _factors(bases, state.right, g_bar, shampoo_b2, "right")
 
@@ -354,10 +364,12 @@ def scale_by_soap_bc(
             state.nu, jax.tree.map(jnp.square, rotate(g_bar)), b2),
         left=left, right=right, left_basis=left_basis,
         right_basis=right_basis)
-    return optax.tree.cast_like(directions, updates), new_state
+    return (optax.tree.cast_like(directions, updates), new_state,
+            measured if diagnostics else None)
 
+  init, update = diagnostics_lib.transform(init_fn, update_fn, diagnostics)
   return optax.GradientTransformationExtraArgs(
-      init_fn, microbatch.on_explicit_mesh(update_fn))
+      init, microbatch.on_explicit_mesh(update))
 
 
 def _rotated_microbatches(updates, bases, rotate, mb) -> PyTree:
@@ -401,6 +413,7 @@ def soap_bc(
     mask: Optional[Any] = None,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     axis_name: Optional[str] = None,
+    diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SOAP (Adam in Shampoo's eigenbasis) with bias corrections.
 
@@ -421,8 +434,8 @@ def soap_bc(
     b1, b2, eps: see :func:`scale_by_soap_bc`.
     weight_decay: :math:`\lambda`, decoupled weight decay.
     shampoo_b2, damping, precondition_every, block_size, max_precond_dim,
-      cross_fit, inverse_correction, variance_groups, mu_dtype, axis_name:
-      see :func:`scale_by_soap_bc`.
+      cross_fit, inverse_correction, variance_groups, mu_dtype, axis_name,
+      diagnostics: see :func:`scale_by_soap_bc`.
     mask: which parameters decay (as in ``optax.adamw``).
 
   Returns:
@@ -450,7 +463,7 @@ def soap_bc(
           max_precond_dim=max_precond_dim, cross_fit=cross_fit,
           inverse_correction=inverse_correction,
           variance_groups=variance_groups, mu_dtype=mu_dtype,
-          axis_name=axis_name),
+          axis_name=axis_name, diagnostics=diagnostics),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
