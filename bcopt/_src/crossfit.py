@@ -7,7 +7,7 @@ functions of group means, so the same code serves Adam, Sophia and user
 preconditioners (RMSprop, Adagrad, ...).
 """
 
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +109,65 @@ def denominator_spread(
   return jax.tree.map(lambda a, b: jnp.maximum(b - a * a / n, 0.0), s1, s2)
 
 
+class FullBatch(NamedTuple):
+  """The full batch's preconditioner statistic, computed once per update.
+
+  A transform that caches the inverse of its persistent, full-batch
+  preconditioner (Sophia) needs these values for its state; handing them to
+  :func:`cross_fitted` lets the step reuse them where it would compute the
+  same thing, so no reduction over the microbatches runs twice (one device
+  merges duplicates, a partitioned program keeps both collectives and their
+  buffers).
+  """
+
+  mean: PyTree  # s_bar: the mean statistic over all M microbatches.
+  variance: Optional[PyTree]  # group_variance(..., "all", estimator) with
+  #                             its default ``loo``; None without correction.
+
+
+def group_variance(
+    denominator_fn: Callable[[PyTree], PyTree],
+    stats: PyTree,
+    group_mean: PyTree,
+    mb: microbatch.Microbatches,
+    group: str,
+    estimator: inverse.Estimator,
+    *,
+    loo: Optional[bool] = None,
+    variance_groups: Optional[int] = None,
+) -> Optional[PyTree]:
+  """The variance :math:`V` of one preconditioner group's denominator.
+
+  Args:
+    denominator_fn: the preconditioner denominator of a statistic mean.
+    stats: microbatched preconditioner statistics.
+    group_mean: the group's mean statistic.
+    mb: the microbatch layout.
+    group: ``"all"``, ``"first"`` or ``"second"``.
+    estimator: ``None``, ``"jackknife"`` or ``"paper"``.
+    loo: whether the variance comes from leave-one-out denominators; by
+      default those of the jackknife (the ``"paper"`` estimator then uses
+      per-microbatch denominators).
+    variance_groups: the jackknife's subgroups :math:`K` (the
+      delete-a-group jackknife of :func:`grouped_variance`); None (or a
+      group of at most ``K``) leaves out one microbatch at a time.
+
+  Returns:
+    The param-shaped variance, or None when ``estimator`` is None.
+  """
+  if estimator is None:
+    return None
+  loo = estimator == "jackknife" if loo is None else loo
+  n = microbatch.group_size(mb, group)
+  if estimator == "jackknife" and len(
+      microbatch.subgroup_sizes(n, variance_groups)) < n:
+    return grouped_variance(denominator_fn, stats, mb, group,
+                            variance_groups)
+  spread = denominator_spread(
+      denominator_fn, stats, group_mean, mb, group, loo=loo)
+  return inverse.variance_from_spread(spread, n, estimator, loo=loo)
+
+
 def group_inverse(
     denominator_fn: Callable[[PyTree], PyTree],
     stats: PyTree,
@@ -124,37 +183,19 @@ def group_inverse(
   r"""The (corrected) inverse of one preconditioner group's denominator.
 
   Args:
-    denominator_fn: the preconditioner denominator of a statistic mean.
-    stats: microbatched preconditioner statistics.
-    group_mean: the group's mean statistic.
-    mb: the microbatch layout.
-    group: ``"all"``, ``"first"`` or ``"second"``.
-    estimator: ``None``, ``"jackknife"`` or ``"paper"``.
+    denominator_fn, stats, group_mean, mb, group, estimator, loo: see
+      :func:`group_variance`.
     exponent: :math:`e` of :math:`f(p) = p^{-1/e}`.
-    loo: whether the variance comes from leave-one-out denominators; by
-      default those of the jackknife (the ``"paper"`` estimator then uses
-      per-microbatch denominators).
-    variance_groups: the jackknife's subgroups :math:`K` (the
-      delete-a-group jackknife of :func:`grouped_variance`); None (or a
-      group of at most ``K``) leaves out one microbatch at a time.
+    variance_groups: see :func:`group_variance`.
 
   Returns:
     :math:`\tilde f(p(\bar s_G))`, clamped at zero.
   """
-  p = denominator_fn(group_mean)
-  if estimator is None:
-    return inverse.variance_correct_inverse(p, exponent=exponent)
-  loo = estimator == "jackknife" if loo is None else loo
-  n = microbatch.group_size(mb, group)
-  if estimator == "jackknife" and len(
-      microbatch.subgroup_sizes(n, variance_groups)) < n:
-    variance = grouped_variance(denominator_fn, stats, mb, group,
-                                variance_groups)
-  else:
-    spread = denominator_spread(
-        denominator_fn, stats, group_mean, mb, group, loo=loo)
-    variance = inverse.variance_from_spread(spread, n, estimator, loo=loo)
-  return inverse.variance_correct_inverse(p, variance, exponent=exponent)
+  variance = group_variance(denominator_fn, stats, group_mean, mb, group,
+                            estimator, loo=loo,
+                            variance_groups=variance_groups)
+  return inverse.variance_correct_inverse(
+      denominator_fn(group_mean), variance, exponent=exponent)
 
 
 def grouped_variance(
@@ -317,6 +358,7 @@ def cross_fitted(
     stats: Optional[PyTree] = None,
     combine: Optional[Callable[[PyTree, PyTree], PyTree]] = None,
     variance_groups: Optional[int] = None,
+    full: Optional[FullBatch] = None,
     diagnostics: bool = False,
 ) -> PyTree:
   """:func:`cross_fit` on inputs already checked against the layout ``mb``.
@@ -324,16 +366,35 @@ def cross_fitted(
   The transforms call this after checking their inputs once per update.
   ``variance_groups`` (:func:`group_inverse`) applies to the jackknife of
   the two-fold and standard schemes; the LOO folds are the jackknife's
-  leave-one-out values themselves. With ``diagnostics`` it returns
-  ``(u, u_uncorrected, u_standard)``: the update, the same scheme with the
-  plain inverse, and the standard scheme with the plain inverse (what the
-  microbatch diagnostics compare), from the same passes over the
-  microbatches.
+  leave-one-out values themselves.
+  ``full``, when given, holds the full batch's mean statistic and variance
+  (:class:`FullBatch`, as :func:`group_variance` computes it by default),
+  which are then reused wherever the step needs the same values: the mean
+  in the standard and LOO schemes, the variance in the standard scheme and
+  in LOO with the jackknife (LOO with ``"paper"`` takes its variance from
+  the leave-one-out denominators, which ``"paper"``'s default does not).
+  A ``full`` variance must be the one ``variance_groups`` asks for.
+  With ``diagnostics`` it returns ``(u, u_uncorrected, u_standard)``: the
+  update, the same scheme with the plain inverse, and the standard scheme
+  with the plain inverse (what the microbatch diagnostics compare), from
+  the same passes over the microbatches.
   """
   combine = _multiply if combine is None else combine
   stats = updates if stats is None else stats
   same_stats = stats is updates
   loo_values = scheme == "loo" or inverse_correction == "jackknife"
+
+  def full_mean() -> PyTree:
+    return group_means(stats, "all") if full is None else full.mean
+
+  def full_variance(s_bar: PyTree, loo: bool,
+                    groups: Optional[int] = None) -> Optional[PyTree]:
+    default_loo = inverse_correction == "jackknife"
+    if full is not None and loo == default_loo:
+      return full.variance
+    return group_variance(denominator_fn, stats, s_bar, mb, "all",
+                          inverse_correction, loo=loo,
+                          variance_groups=groups)
 
   # Groups are static slices on a stacked axis, 0/1 weightings on a named
   # one (see microbatch.group).
@@ -359,9 +420,12 @@ def cross_fitted(
     return u, u_uncorrected, plain(g_bar, s_bar)
 
   if scheme is None:
-    s_bar = group_means(stats, "all")
+    s_bar = full_mean()
     g_bar = s_bar if same_stats else group_means(updates, "all")
-    u = combine(numerator_fn(g_bar), corrected_inverse("all", s_bar))
+    inv = inverse.variance_correct_inverse(
+        denominator_fn(s_bar),
+        full_variance(s_bar, loo_values, variance_groups), exponent=exponent)
+    u = combine(numerator_fn(g_bar), inv)
     return result(u, plain(g_bar, s_bar) if diagnostics else None, s_bar,
                   g_bar)
 
@@ -369,29 +433,25 @@ def cross_fitted(
     s_a, s_b = group_means(stats, "first"), group_means(stats, "second")
     g_a, g_b = (s_a, s_b) if same_stats else (
         group_means(updates, "first"), group_means(updates, "second"))
-    n_a, m = microbatch.group_size(mb, "first"), mb.total
-    whole = lambda a, b: jax.tree.map(
-        lambda x, y: (n_a * x + (m - n_a) * y) / m, a, b)
-    s_bar = whole(s_a, s_b)
-    g_bar = s_bar if same_stats else whole(g_a, g_b)
     u = combine(numerator_fn(g_a), corrected_inverse("second", s_b))
     u_plain = plain(g_a, s_b) if diagnostics else None
     if scheme == "symmetric":
       half = lambda x, y: jax.tree.map(lambda a, b: 0.5 * (a + b), x, y)
       u = half(u, combine(numerator_fn(g_b), corrected_inverse("first", s_a)))
       u_plain = half(u_plain, plain(g_b, s_a)) if diagnostics else None
-    return result(u, u_plain, s_bar, g_bar)
+    if not diagnostics:
+      return u
+    n_a, m = microbatch.group_size(mb, "first"), mb.total
+    whole = lambda a, b: jax.tree.map(
+        lambda x, y: (n_a * x + (m - n_a) * y) / m, a, b)
+    s_bar = whole(s_a, s_b)
+    return result(u, u_plain, s_bar, s_bar if same_stats else whole(g_a, g_b))
 
   # Leave-one-out: fold r has numerator g_r and preconditioner "all but r";
   # the jackknife/paper variance is the spread of the fold denominators.
   m = mb.total
-  s_bar = group_means(stats, "all")
-  variance = None
-  if inverse_correction is not None:
-    spread = denominator_spread(
-        denominator_fn, stats, s_bar, mb, "all", loo=True)
-    variance = inverse.variance_from_spread(
-        spread, m, inverse_correction, loo=True)
+  s_bar = full_mean()
+  variance = full_variance(s_bar, loo=True)
 
   def fold(g_r, s_r):
     p = denominator_fn(_loo_mean(s_bar, numerics.upcast(s_r), m))

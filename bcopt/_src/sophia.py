@@ -199,15 +199,19 @@ def scale_by_sophia_bc(
         return jax.tree.map(
             lambda h_, x: rho * (b2 * h_ + (1 - b2) * x) + eps, state.h, s)
 
+      # The cached inverse's full-batch mean and variance, shared with the
+      # step where it needs the same values.
+      r_bar = microbatch.mean(curvature, mb)
+      full = crossfit.FullBatch(r_bar, crossfit.group_variance(
+          denominator_fn, curvature, r_bar, mb, "all", inverse_correction))
       direction = crossfit.cross_fitted(
           updates, numerator_fn, denominator_fn, mb, scheme=cross_fit,
           inverse_correction=inverse_correction, stats=curvature,
-          combine=clipped)
-      r_bar = microbatch.mean(curvature, mb)
+          combine=clipped, full=full)
       h = numerics.update_moment(state.h, r_bar, b2)
       inv = optax.tree.cast_like(
-          crossfit.group_inverse(denominator_fn, curvature, r_bar, mb, "all",
-                                 inverse_correction),
+          inverse.variance_correct_inverse(denominator_fn(r_bar),
+                                           full.variance),
           state.inv)
 
     new_state = ScaleBySophiaBCState(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 
 import jax
@@ -83,7 +84,13 @@ def prepare(out: pathlib.Path | str, run_config: dict,
                      "--resume to continue them or choose another --out")
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(run_config, indent=1) + "\n")
+    # Atomically: on --resume the other processes may be reading the old
+    # file right now, and a truncated one would fail them alone (process 0
+    # then waits for them in its first collective until the distributed
+    # shutdown barrier times out).
+    tmp = out / f".config.json.{os.getpid()}"
+    tmp.write_text(json.dumps(run_config, indent=1) + "\n")
+    os.replace(tmp, out / "config.json")
 
 
 def restore(mngr: ocp.CheckpointManager, like: dict) -> dict:

@@ -147,3 +147,21 @@ def test_prepare_checks_new_runs_and_resumes(tiny, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text()) == moved
     with pytest.raises(ValueError, match=r"different settings for \['lr'\]"):
       checkpoint_lib.prepare(tmp_path, changed, mngr, resume=True)
+
+
+def test_resume_replaces_config_json_whole(tiny, tmp_path):
+  """On --resume every process reads config.json while process 0 rewrites
+  it: a reader that opened the old file still reads all of it (a rewrite in
+  place would truncate it under the reader), and no temporary is left."""
+  cfg, model_cfg = run_settings(tiny, tmp_path)
+  prepare(tmp_path, cfg, model_cfg)
+  old = (tmp_path / "config.json").read_text()
+  moved = config_lib.run_config(dataclasses.replace(cfg, stop_at=3),
+                                model_cfg)
+  with open(tmp_path / "config.json") as reader, contextlib.closing(
+      checkpoint_lib.manager(tmp_path)) as mngr:
+    checkpoint_lib.prepare(tmp_path, moved, mngr, resume=True)
+    assert reader.read() == old
+  assert json.loads((tmp_path / "config.json").read_text()) == moved
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints",
+                                                         "config.json"]

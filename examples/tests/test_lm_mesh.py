@@ -142,7 +142,7 @@ def free_port() -> int:
 def processes(flags: list[str], count: int = 2) -> float:
   """Runs ``train.py FLAGS`` as ``count`` processes of 2 CPU devices each
   on a local coordinator; returns the wall seconds."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   port, t0 = free_port(), time.time()
   procs = [subprocess.Popen(
@@ -151,10 +151,17 @@ def processes(flags: list[str], count: int = 2) -> float:
        str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(count)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
+
+  def excerpt(text):
+    # A process that fails alone leaves the others waiting until the
+    # distributed shutdown barrier times out, and every log then ends in
+    # that timeout: the cause is near the start of one of them.
+    text = "\n".join(line for line in text.splitlines()
+                     if "[Gloo]" not in line)
+    return text if len(text) < 3000 else f"{text[:1500]}\n...\n{text[-1500:]}"
+
   assert [p.returncode for p in procs] == [0] * count, "\n".join(
-      f"process {i}:\n" + "\n".join(line for line in text.splitlines()
-                                     if "[Gloo]" not in line)[-2000:]
-      for i, text in enumerate(outputs))
+      f"process {i}:\n{excerpt(text)}" for i, text in enumerate(outputs))
   return time.time() - t0
 
 
