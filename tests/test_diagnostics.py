@@ -152,3 +152,60 @@ def test_state_and_errors():
   chex.assert_trees_all_equal(state[0].inner, plain[0])
   with pytest.raises(ValueError, match="found 0 diagnostics states"):
     bcopt.microbatch_diagnostics(plain)
+
+
+def _shares(u, u_plain, u_std):
+  norm = lambda x: np.sqrt(np.sum(np.square(x)))
+  return {"coupling": norm(u_plain - u_std) / norm(u_std),
+          "jensen": norm(u - u_plain) / norm(u_plain)}
+
+
+@pytest.mark.parametrize("scheme", ["twofold", "loo"])
+def test_sophia_refresh_step_matches_numpy_restatement(scheme):
+  """Step 1 (mu = h = 0) with curvature, and a step without curvature,
+  whose cached inverse carries no coupling and no correction."""
+  b1, b2, rho, eps, clip = 0.9, 0.99, 0.05, 1e-12, 1.0
+  rng = np.random.default_rng(5)
+  g = 0.3 + rng.normal(size=(8, 6))
+  r = np.abs(1.0 + 0.5 * rng.normal(size=(8, 6)))
+  numerator = lambda a: (1 - b1) * a
+  denominator = lambda s: rho * (1 - b2) * s + eps
+  clipped = lambda n, i: np.clip(n * i, -clip, clip)
+  update = lambda sc, est: reference.cross_fit_update(
+      numerator, denominator, g, r, sc, est, combine=clipped)
+  expected = _shares(update(scheme, "jackknife"), update(scheme, None),
+                     update(None, None))
+  tx = bcopt.scale_by_sophia_bc(b1, b2, rho, eps, clip, cross_fit=scheme,
+                                diagnostics=True)
+  params = {"w": jnp.zeros(6)}
+  _, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, tx.init(params),
+                       params, curvature={"w": jnp.asarray(r, jnp.float32)})
+  got = bcopt.microbatch_diagnostics(state)
+  for name, value in expected.items():
+    np.testing.assert_allclose(got[name]["total"], value, rtol=2e-4,
+                               atol=1e-7, err_msg=name)
+  _, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+  got = bcopt.microbatch_diagnostics(state)
+  assert float(got["coupling"]["total"]) == float(got["jensen"]["total"]) == 0
+
+
+@pytest.mark.parametrize("scheme", ["twofold", "symmetric"])
+def test_shampoo_root_step_matches_numpy_restatement(scheme):
+  """A root step of one (3, 4) matrix (every eigenvalue simple): the shares
+  of the restatement's corrected, uncorrected and standard updates."""
+  b1, b2, damping, exponent = 0.9, 0.95, 1e-3, 4
+  rng = np.random.default_rng(6)
+  steps = [0.5 + rng.normal(size=(8, 3, 4))]
+  run = lambda sc, est: reference.shampoo_bc_run(
+      steps, b1, b2, damping, exponent, 1, sc, est)[0][0]
+  expected = _shares(run(scheme, "jackknife"), run(scheme, None),
+                     run(None, None))
+  tx = bcopt.scale_by_shampoo_bc(b1, b2, damping, cross_fit=scheme,
+                                 variance_groups=None, diagnostics=True)
+  params = {"w": jnp.zeros((3, 4))}
+  _, state = jax.jit(tx.update)({"w": jnp.asarray(steps[0], jnp.float32)},
+                                tx.init(params), params)
+  got = bcopt.microbatch_diagnostics(state)
+  for name, value in expected.items():
+    np.testing.assert_allclose(got[name]["total"], value, rtol=1e-3,
+                               err_msg=name)

@@ -103,6 +103,8 @@ PROGRAMS = {
         1e-2, cross_fit="symmetric")),
     "adam_standard": lambda: _two_steps(bcopt.adamw_bc(
         1e-2, cross_fit=None)),
+    "adam_diagnostics": lambda: _two_steps(bcopt.adamw_bc(
+        1e-2, cross_fit="twofold", diagnostics=True)),
     "sophia_loo": lambda: _sophia("loo"),
     "sophia_twofold": lambda: _sophia("twofold"),
     "shampoo_twofold": lambda: _two_steps(bcopt.shampoo_bc(

@@ -39,6 +39,7 @@ import optax
 
 from bcopt._src import adam
 from bcopt._src import crossfit
+from bcopt._src import diagnostics as diagnostics_lib
 from bcopt._src import inverse
 from bcopt._src import microbatch
 from bcopt._src import numerics
@@ -557,6 +558,7 @@ def scale_by_shampoo_bc(
     fallback_eps: jax.typing.ArrayLike = 1e-8,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     axis_name: Optional[str] = None,
+    diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale microbatched gradients by bias-corrected Shampoo.
 
@@ -695,6 +697,11 @@ def scale_by_shampoo_bc(
     mu_dtype: dtype of the momentum (default float32, or wider params').
     axis_name: named microbatch axis when ``update`` runs inside ``pmap``,
       ``shard_map`` or ``vmap(axis_name=...)``.
+    diagnostics: also measure the microbatch diagnostics (as
+      :func:`bcopt.scale_by_adam_bc`). On root steps the uncorrected update
+      uses the same eigendecompositions with plain roots, and the standard
+      one the full batch's plain roots on its momentum; other steps use the
+      cached roots, so their Shampoo parts add no coupling or Jensen share.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` takes the
@@ -763,14 +770,14 @@ def scale_by_shampoo_bc(
         **{name: _field(tilings, factors, name) for name in _Factors._fields},
     )
 
-  def adam_directions(updates, state, adam_mask, count, mb):
+  def adam_directions(updates, state, adam_mask, count, mb, diagnostics):
     """AdamW-BC: fallback parameters, and every tile's graft norm."""
     grads, mu = _keep(updates, adam_mask), _keep(state.mu, adam_mask)
     numerator_fn, denominator_fn = adam.adam_terms(
         mu, state.nu, count, b1, fallback_b2, fallback_eps)
     return crossfit.cross_fitted(
         grads, numerator_fn, denominator_fn, mb, scheme=cross_fit,
-        inverse_correction=inverse_correction)
+        inverse_correction=inverse_correction, diagnostics=diagnostics)
 
   def direction(tiling, adam_u, shampoo_u):
     """A parameter's direction: Adam's, or Shampoo's tiles (grafted)."""
@@ -780,7 +787,7 @@ def scale_by_shampoo_bc(
       shampoo_u = _graft(shampoo_u, _to_tiles(adam_u, tiling), tiling)
     return _from_tiles(shampoo_u, tiling)
 
-  def update_fn(updates, state, params=None, *, root_step=None,
+  def update_fn(updates, state, params=None, *, diagnostics, root_step=None,
                 **extra_args):
     del extra_args  # optax chains forward every keyword argument
     check_root_step(root_step)
@@ -789,27 +796,39 @@ def scale_by_shampoo_bc(
     count = optax.safe_increment(state.count)
     tilings = _tilings(updates, block_size, microbatched=True)
     adam_mask = uses_adam(updates, tilings)
-    g_bar = microbatch.mean(updates, mb)
-    adam_u = _keep(updates, adam_mask)
+    if diagnostics:
+      mean_sq_sum = microbatch.mean_and_squares(updates, mb)
+      g_bar = mean_sq_sum[0]
+    else:
+      g_bar = microbatch.mean(updates, mb)
+    versions = 3 if diagnostics else 1  # (u, u_uncorrected, u_standard)
+    as_versions = lambda x: x if diagnostics else (x,)
+    adam_u = (_keep(updates, adam_mask),) * versions
     if any(jax.tree.leaves(adam_mask)):
-      adam_u = adam_directions(updates, state, adam_mask, count, mb)
+      adam_u = as_versions(adam_directions(updates, state, adam_mask, count,
+                                           mb, diagnostics))
     factors = _factors(tilings, state)
-    shampoo_u = factors  # MaskedNode everywhere, unless a leaf is eligible
+    # MaskedNode everywhere, unless a leaf is eligible
+    shampoo_u = (factors,) * versions
     if jax.tree.leaves(tilings):
       grads, mu, mean = (_eligible(x, tilings)
                          for x in (updates, state.mu, g_bar))
       root = functools.partial(_root_step, tilings, factors, mu, grads, mean,
-                               mb, b1=b1, scheme=cross_fit, **roots_kwargs)
+                               mb, b1=b1, scheme=cross_fit,
+                               diagnostics=diagnostics, **roots_kwargs)
       cached = functools.partial(_cached_step, tilings, factors, mu, mean,
-                                 b1=b1)
+                                 b1=b1, diagnostics=diagnostics)
       if root_step is None:  # one program: XLA reserves both kinds' scratch
         shampoo_u, factors = jax.lax.cond(
             (count - 1) % precondition_every == 0, root, cached)
       else:  # a program for this step kind only
         shampoo_u, factors = root() if root_step else cached()
-    directions = jax.tree.map(
-        lambda g, t, a, s: direction(t, a, s), updates, tilings, adam_u,
-        shampoo_u)
+      shampoo_u = as_versions(shampoo_u)
+    directions, *others = [jax.tree.map(
+        lambda g, t, a, s: direction(t, a, s), updates, tilings, a_u, s_u)
+                           for a_u, s_u in zip(adam_u, shampoo_u)]
+    measured = diagnostics_lib.measure(
+        mb, mean_sq_sum, directions, *others, updates) if diagnostics else None
     new_state = ScaleByShampooBCState(
         count=count,
         mu=numerics.update_moment(state.mu, g_bar, b1),
@@ -818,10 +837,11 @@ def scale_by_shampoo_bc(
             fallback_b2),
         **{name: _field(tilings, factors, name) for name in _Factors._fields},
     )
-    return optax.tree.cast_like(directions, updates), new_state
+    return optax.tree.cast_like(directions, updates), new_state, measured
 
+  init, update = diagnostics_lib.transform(init_fn, update_fn, diagnostics)
   return optax.GradientTransformationExtraArgs(
-      init_fn, microbatch.on_explicit_mesh(update_fn))
+      init, microbatch.on_explicit_mesh(update))
 
 
 def shampoo_bc(
@@ -843,6 +863,7 @@ def shampoo_bc(
     mask: Optional[Any] = None,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     axis_name: Optional[str] = None,
+    diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Shampoo with cross-fitting and variance-corrected inverse roots.
 
@@ -863,8 +884,8 @@ def shampoo_bc(
     weight_decay: :math:`\lambda`, decoupled weight decay.
     exponent, precondition_every, block_size, graft, cross_fit,
       inverse_correction, variance_groups, fallback_b2, fallback_eps,
-      mu_dtype, axis_name: see :func:`scale_by_shampoo_bc` (also for
-      ``update``'s keyword ``root_step``).
+      mu_dtype, axis_name, diagnostics: see :func:`scale_by_shampoo_bc`
+      (also for ``update``'s keyword ``root_step``).
     mask: which parameters decay (as in ``optax.adamw``).
 
   Returns:
@@ -892,7 +913,8 @@ def shampoo_bc(
           graft=graft, cross_fit=cross_fit,
           inverse_correction=inverse_correction,
           variance_groups=variance_groups, fallback_b2=fallback_b2,
-          fallback_eps=fallback_eps, mu_dtype=mu_dtype, axis_name=axis_name),
+          fallback_eps=fallback_eps, mu_dtype=mu_dtype, axis_name=axis_name,
+          diagnostics=diagnostics),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

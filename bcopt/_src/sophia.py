@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from bcopt._src import crossfit
+from bcopt._src import diagnostics as diagnostics_lib
 from bcopt._src import inverse
 from bcopt._src import microbatch
 from bcopt._src import numerics
@@ -59,6 +60,7 @@ def scale_by_sophia_bc(
     inverse_correction: inverse.Estimator = "jackknife",
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     axis_name: Optional[str] = None,
+    diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale microbatched gradients by bias-corrected Sophia.
 
@@ -117,6 +119,9 @@ def scale_by_sophia_bc(
     inverse_correction: ``None``, ``"jackknife"`` or ``"paper"``.
     mu_dtype: dtype of :math:`\mu` (default float32, or wider params' dtype).
     axis_name: the named microbatch axis, or None.
+    diagnostics: also measure the microbatch diagnostics (as
+      :func:`bcopt.scale_by_adam_bc`); steps without curvature use the
+      cached inverse, so their coupling and Jensen shares are 0.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -174,12 +179,16 @@ def scale_by_sophia_bc(
         inv=jax.tree.map(lambda x: jnp.full_like(x, 1.0 / eps), h),
     )
 
-  def update_fn(updates, state, params=None, *, curvature=None,
+  def update_fn(updates, state, params=None, *, diagnostics, curvature=None,
                 **extra_args):
     del extra_args
     mb = microbatch.layout(updates, axis_name, params)
     crossfit.check_microbatch_count(mb, cross_fit, inverse_correction)
-    g_bar = microbatch.mean(updates, mb)
+    if diagnostics:
+      mean_sq_sum = microbatch.mean_and_squares(updates, mb)
+      g_bar = mean_sq_sum[0]
+    else:
+      g_bar = microbatch.mean(updates, mb)
 
     def numerator_fn(a):
       return jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, state.mu, a)
@@ -192,6 +201,8 @@ def scale_by_sophia_bc(
     if curvature is None:
       direction = clipped(m_full, state.inv)
       h, inv = state.h, state.inv
+      measured = diagnostics_lib.unchanged(
+          mb, mean_sq_sum, direction, updates) if diagnostics else None
     else:
       _check_curvature(updates, curvature)
 
@@ -207,7 +218,12 @@ def scale_by_sophia_bc(
       direction = crossfit.cross_fitted(
           updates, numerator_fn, denominator_fn, mb, scheme=cross_fit,
           inverse_correction=inverse_correction, stats=curvature,
-          combine=clipped, full=full)
+          combine=clipped, full=full, diagnostics=diagnostics)
+      measured = None
+      if diagnostics:
+        direction, uncorrected, standard = direction
+        measured = diagnostics_lib.measure(mb, mean_sq_sum, direction,
+                                           uncorrected, standard, updates)
       h = numerics.update_moment(state.h, r_bar, b2)
       inv = optax.tree.cast_like(
           inverse.variance_correct_inverse(denominator_fn(r_bar),
@@ -220,10 +236,11 @@ def scale_by_sophia_bc(
         h=h,
         inv=inv,
     )
-    return optax.tree.cast_like(direction, updates), new_state
+    return optax.tree.cast_like(direction, updates), new_state, measured
 
+  init, update = diagnostics_lib.transform(init_fn, update_fn, diagnostics)
   return optax.GradientTransformationExtraArgs(
-      init_fn, microbatch.on_explicit_mesh(update_fn))
+      init, microbatch.on_explicit_mesh(update))
 
 
 def sophia_bc(
@@ -240,6 +257,7 @@ def sophia_bc(
     mask: Optional[Any] = None,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     axis_name: Optional[str] = None,
+    diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sophia-G with cross-fitting and variance-corrected inversion.
 
@@ -259,7 +277,7 @@ def sophia_bc(
     learning_rate: :math:`\eta_t`, a scalar or an optax schedule.
     b1, b2, rho, eps, clip: see :func:`scale_by_sophia_bc`.
     weight_decay: :math:`\lambda`, decoupled weight decay.
-    cross_fit, inverse_correction, mu_dtype, axis_name: see
+    cross_fit, inverse_correction, mu_dtype, axis_name, diagnostics: see
       :func:`scale_by_sophia_bc`.
     mask: which parameters decay (as in ``optax.adamw``).
 
@@ -282,7 +300,7 @@ def sophia_bc(
       scale_by_sophia_bc(
           b1, b2, rho, eps, clip, cross_fit=cross_fit,
           inverse_correction=inverse_correction, mu_dtype=mu_dtype,
-          axis_name=axis_name),
+          axis_name=axis_name, diagnostics=diagnostics),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
