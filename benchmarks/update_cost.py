@@ -69,6 +69,8 @@ B = "optax Adam on microbatch_mean (b)"
 CLIP_OPTAX = "optax clip + optax Adam on microbatch_mean"
 CLIP_BC = "bcopt clip + Adam-BC loo + jackknife"
 ADAM_LOO = "Adam-BC loo + jackknife"
+# With diagnostics=True as well (the bias monitor's cost; not with --ref).
+MONITORED, MONITOR = (ADAM_LOO, "Adam-BC twofold + jackknife"), ", diagnostics"
 ADAM = {  # name: (cross_fit, inverse_correction) of scale_by_adam_bc
     ADAM_LOO: ("loo", "jackknife"),
     "Adam-BC twofold + jackknife": ("twofold", "jackknife"),
@@ -250,11 +252,18 @@ def adam_cell(size: str, m: int, libs: dict, args) -> dict:
     for name, (cf, ic) in ADAM.items():
       txs[name] = (lib.scale_by_adam_bc(cross_fit=cf, inverse_correction=ic),
                    None)
+      if name in MONITORED and not tag:  # the bias monitor's cost
+        txs[name + MONITOR] = (lib.scale_by_adam_bc(
+            cross_fit=cf, inverse_correction=ic, diagnostics=True), None)
     for name, (tx, mean) in txs.items():
       cell.add(name + tag, update(tx, mean), tx.init(params), grads)
   n = sum(x.size for x in jax.tree.leaves(params))
-  return {"size": size, "M": m, "ideal_fused_bytes_per_param": 4 * m + 20,
-          **cell.measure({"a": A, "b": B}, n)}
+  out = {"size": size, "M": m, "ideal_fused_bytes_per_param": 4 * m + 20,
+         **cell.measure({"a": A, "b": B}, n)}
+  out["diagnostics_vs_plain"] = {  # timed in the same rounds
+      name: harness.ratios(cell.runners[name + MONITOR], cell.runners[name])
+      for name in MONITORED if name + MONITOR in cell.runners}
+  return out
 
 
 def sophia_cell(size: str, m: int, libs: dict, args) -> dict:
@@ -446,6 +455,10 @@ def report(families: dict, ref) -> str:
         for c in cells)] for name in cells[0]["variants"] if name == ADAM_LOO]
     b_ms = [["(b), median ms",
              *(f"{c['variants'][B]['median_ms']:.4g}" for c in cells)]]
+    b_ms += [[f"{name}{MONITOR} / without (per round)", *(slash(
+        c["diagnostics_vs_plain"][name], "wall_paired", "cpu_paired", ".3f")
+        if name in c.get("diagnostics_vs_plain", {}) else "n/a"
+        for c in cells)] for name in MONITORED]
     out += ["### Adam-BC: median wall / CPU time as a multiple of (b)\n",
             grid(cells, x_b, b_ms + state)]
   if "sophia" in families:
