@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bcopt._src import fusion
 from bcopt._src import microbatch
 
 PyTree = Any
@@ -99,6 +100,11 @@ def measure(
     large, its relative error is about ``1e-7 M ||gbar||^2 / tr S``).
   """
   g_bar, square_sum = mean_sq_sum
+  # Stored: the norms are reductions over the outputs of the microbatch
+  # loops, which XLA:CPU would otherwise recompute inside single-threaded
+  # reduction kernels (fusion.stored).
+  g_bar, u, u_uncorrected, u_standard = fusion.stored(
+      (g_bar, u, u_uncorrected, u_standard))
   m = mb.total
   mean_sq = squared_norms(g_bar)
   trace = jax.tree.map(lambda s, q: jnp.maximum(s - m * q, 0.0) / max(m - 1, 1),

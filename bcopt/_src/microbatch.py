@@ -503,13 +503,16 @@ def mean_and_squares(updates: PyTree, mb: Microbatches
   """:func:`mean` over all microbatches and, from the same pass, the sum
   over microbatches of each leaf's squared norm ``sum_j ||g_j||^2`` (a
   float32 scalar per leaf, or higher)."""
-  def term(g_j):
+  def term(g_j):  # elementwise: no reduction inside the loop (XLA:CPU)
     g_j = numerics.upcast(g_j)
-    return g_j, jax.tree.map(lambda x: jnp.sum(x * x), g_j)
+    return g_j, jax.tree.map(jnp.square, g_j)
 
   total, squares = sum_over_microbatches(term, updates,
                                          axis_name=mb.axis_name)
-  return jax.tree.map(lambda t: t / mb.total, total), squares
+  # Stored before the reduction: XLA:CPU would reduce the M squared
+  # slices in one single-threaded kernel (fusion.stored).
+  return (jax.tree.map(lambda t: t / mb.total, total),
+          jax.tree.map(jnp.sum, fusion.stored(squares)))
 
 
 def microbatch_mean(updates: PyTree, axis_name: Optional[str] = None) -> PyTree:
