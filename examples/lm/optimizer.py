@@ -153,6 +153,13 @@ def takes_curvature(cfg: Config) -> bool:
   return OPTIMIZERS[cfg.optimizer].curvature
 
 
+def has_periodic_step(cfg: Config) -> bool:
+  """Whether the optimizer has a periodic step kind compiled apart (reads
+  no flag, so building the programs depends on --optimizer alone)."""
+  entry = OPTIMIZERS[cfg.optimizer]
+  return entry.curvature or entry.root_step
+
+
 def periodic_every(cfg: Config) -> int | None:
   """Steps between the optimizer's periodic steps (1, k+1, 2k+1, ...):
   Sophia's curvature refreshes (``--curvature-every``), Shampoo's root

@@ -240,7 +240,7 @@ def build(cfg: Config, model_cfg: model_lib.Config) -> Program:
     return restart(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
   train_steps = {}
-  for refresh in (False, True) if optimizer_lib.periodic_every(cfg) else (
+  for refresh in (False, True) if optimizer_lib.has_periodic_step(cfg) else (
       False,):
     step = functools.partial(
         train_step, tx=tx, model_cfg=model_cfg, mesh=mesh,
