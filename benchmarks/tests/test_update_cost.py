@@ -78,9 +78,12 @@ def test_smoke_run_with_ref_head(family, variants, tmp_path,
           x["median_ms"] / other["median_ms"], rel=1e-3, abs=1e-4)
   assert all(v[n]["bitwise_equal_ref"] for n in twins)
   assert "bitwise equal" in r["markdown"]
-  if family == "adam":
+  if family == "adam":  # and the monitored variant, without a twin
     assert {uc.B, uc.ADAM_LOO, uc.CLIP_BC} == set(twins)
-    assert set(v) == {uc.A, *twins, *(n + uc.REF for n in twins)}
+    monitored = uc.ADAM_LOO + uc.MONITOR
+    assert set(v) == {uc.A, monitored, *twins, *(n + uc.REF for n in twins)}
+    assert cell["diagnostics_vs_plain"][uc.ADAM_LOO]["wall"] == pytest.approx(
+        v[monitored]["median_ms"] / v[uc.ADAM_LOO]["median_ms"], rel=1e-3)
     assert v[uc.ADAM_LOO]["state_bytes"] == v[uc.B]["state_bytes"]
     assert v[uc.B]["vs"]["b"]["wall"] == 1.0
   if family == "sophia":
