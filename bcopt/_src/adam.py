@@ -168,7 +168,7 @@ def scale_by_adam_bc(
       mean_sq_sum = microbatch.mean_and_squares(updates, mb)
       g_bar = mean_sq_sum[0]
       measured = diagnostics_lib.measure(mb, mean_sq_sum, direction,
-                                         uncorrected, standard, g_bar)
+                                         uncorrected, standard)
     else:
       g_bar = microbatch.mean(updates, mb)
     new_state = ScaleByAdamBCState(

@@ -414,11 +414,6 @@ def cross_fitted(
                    inverse.variance_correct_inverse(
                        denominator_fn(preconditioner_mean), exponent=exponent))
 
-  def result(u, u_uncorrected, s_bar, g_bar):
-    if not diagnostics:
-      return u
-    return u, u_uncorrected, plain(g_bar, s_bar)
-
   if scheme is None:
     s_bar = full_mean()
     g_bar = s_bar if same_stats else group_means(updates, "all")
@@ -426,8 +421,10 @@ def cross_fitted(
         denominator_fn(s_bar),
         full_variance(s_bar, loo_values, variance_groups), exponent=exponent)
     u = combine(numerator_fn(g_bar), inv)
-    return result(u, plain(g_bar, s_bar) if diagnostics else None, s_bar,
-                  g_bar)
+    if not diagnostics:
+      return u
+    standard = plain(g_bar, s_bar)  # the standard scheme is this one
+    return u, standard, standard
 
   if scheme in ("twofold", "symmetric"):
     s_a, s_b = group_means(stats, "first"), group_means(stats, "second")
@@ -445,7 +442,7 @@ def cross_fitted(
     whole = lambda a, b: jax.tree.map(
         lambda x, y: (n_a * x + (m - n_a) * y) / m, a, b)
     s_bar = whole(s_a, s_b)
-    return result(u, u_plain, s_bar, s_bar if same_stats else whole(g_a, g_b))
+    return u, u_plain, plain(s_bar if same_stats else whole(g_a, g_b), s_bar)
 
   # Leave-one-out: fold r has numerator g_r and preconditioner "all but r";
   # the jackknife/paper variance is the spread of the fold denominators.
@@ -469,4 +466,4 @@ def cross_fitted(
   if not diagnostics:
     return total
   g_bar = s_bar if same_stats else group_means(updates, "all")
-  return result(*total, s_bar, g_bar)
+  return (*total, plain(g_bar, s_bar))

@@ -16,7 +16,7 @@ figures with :func:`microbatch_diagnostics`. Keeping squared norms (not
 ratios) lets totals over the tree be sums.
 """
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import chex
 import jax
@@ -77,9 +77,8 @@ def measure(
     mb: microbatch.Microbatches,
     mean_sq_sum: tuple[PyTree, PyTree],
     u: PyTree,
-    u_uncorrected: PyTree,
-    u_standard: PyTree,
-    like: PyTree,
+    u_uncorrected: Optional[PyTree] = None,
+    u_standard: Optional[PyTree] = None,
 ) -> Diagnostics:
   """The diagnostics of one update.
 
@@ -88,11 +87,11 @@ def measure(
     mean_sq_sum: ``(gbar, sum_j ||g_j||^2 per leaf)`` from
       :func:`bcopt._src.microbatch.mean_and_squares`.
     u, u_uncorrected, u_standard: the update, the same scheme without the
-      correction, and the standard update without it (trees of arrays; for
-      a tile layout any orthogonal image of the update, e.g. SOAP's rotated
-      coordinates).
-    like: a tree with the parameters' structure (the leaves of the other
-      trees may be shaped otherwise).
+      correction, and the standard update without it: trees with the
+      parameters' structure (for a tile layout any orthogonal image of the
+      update, e.g. SOAP's rotated coordinates). Without the other two, the
+      update has neither coupling nor correction (a step on a cached
+      inverse): both shares are 0, and no difference is computed.
 
   Returns:
     :class:`Diagnostics`; ``tr S`` uses ``sum_j ||g_j||^2 - M ||gbar||^2``
@@ -109,22 +108,17 @@ def measure(
   mean_sq = squared_norms(g_bar)
   trace = jax.tree.map(lambda s, q: jnp.maximum(s - m * q, 0.0) / max(m - 1, 1),
                        square_sum, mean_sq)
-  structure = jax.tree.structure(like)
-  as_params = lambda tree: jax.tree.unflatten(structure, jax.tree.leaves(tree))
+  norms = squared_norms(u)
+  if u_uncorrected is None:
+    zeros = jax.tree.map(jnp.zeros_like, norms)
+    return Diagnostics(jnp.asarray(m, jnp.int32), trace, mean_sq, zeros,
+                       norms, zeros, norms)
   return Diagnostics(
-      microbatches=jnp.asarray(m, jnp.int32),
-      trace=as_params(trace), mean_sq=as_params(mean_sq),
-      coupling=as_params(_distances(u_uncorrected, u_standard)),
-      standard=as_params(squared_norms(u_standard)),
-      jensen=as_params(_distances(u, u_uncorrected)),
-      uncorrected=as_params(squared_norms(u_uncorrected)))
-
-
-def unchanged(mb: microbatch.Microbatches, mean_sq_sum, u: PyTree,
-              like: PyTree) -> Diagnostics:
-  """The diagnostics of an update with no coupling and no correction (a
-  step on a cached inverse): both shares are zero."""
-  return measure(mb, mean_sq_sum, u, u, u, like)
+      microbatches=jnp.asarray(m, jnp.int32), trace=trace, mean_sq=mean_sq,
+      coupling=_distances(u_uncorrected, u_standard),
+      standard=squared_norms(u_standard),
+      jensen=_distances(u, u_uncorrected),
+      uncorrected=squared_norms(u_uncorrected))
 
 
 def _is_state(x) -> bool:

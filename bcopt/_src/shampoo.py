@@ -828,7 +828,7 @@ def scale_by_shampoo_bc(
         lambda g, t, a, s: direction(t, a, s), updates, tilings, a_u, s_u)
                            for a_u, s_u in zip(adam_u, shampoo_u)]
     measured = diagnostics_lib.measure(
-        mb, mean_sq_sum, directions, *others, updates) if diagnostics else None
+        mb, mean_sq_sum, directions, *others) if diagnostics else None
     new_state = ScaleByShampooBCState(
         count=count,
         mu=numerics.update_moment(state.mu, g_bar, b1),

@@ -338,7 +338,7 @@ def scale_by_soap_bc(
       rotated_u, uncorrected, standard = rotated_u
       mean_sq_sum = microbatch.mean_and_squares(updates, mb)
       measured = diagnostics_lib.measure(mb, mean_sq_sum, rotated_u,
-                                         uncorrected, standard, updates)
+                                         uncorrected, standard)
     directions = jax.tree.map(
         lambda z, b, q_l, q_r: _rotate_back(b, z, q_l, q_r) if _rotated(b)
         else z, rotated_u, bases, state.left_basis, state.right_basis)

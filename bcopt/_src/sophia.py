@@ -201,8 +201,8 @@ def scale_by_sophia_bc(
     if curvature is None:
       direction = clipped(m_full, state.inv)
       h, inv = state.h, state.inv
-      measured = diagnostics_lib.unchanged(
-          mb, mean_sq_sum, direction, updates) if diagnostics else None
+      measured = diagnostics_lib.measure(
+          mb, mean_sq_sum, direction) if diagnostics else None
     else:
       _check_curvature(updates, curvature)
 
@@ -223,7 +223,7 @@ def scale_by_sophia_bc(
       if diagnostics:
         direction, uncorrected, standard = direction
         measured = diagnostics_lib.measure(mb, mean_sq_sum, direction,
-                                           uncorrected, standard, updates)
+                                           uncorrected, standard)
       h = numerics.update_moment(state.h, r_bar, b2)
       inv = optax.tree.cast_like(
           inverse.variance_correct_inverse(denominator_fn(r_bar),
