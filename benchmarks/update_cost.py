@@ -305,32 +305,51 @@ def sophia_cell(size: str, m: int, libs: dict, args) -> dict:
   return cell
 
 
-def shampoo_cell(d: int, m: int, libs: dict, args) -> dict:
+def matrix_cell(d: int, m: int, args):
+  """One ``d x d`` parameter, ``M`` microbatch gradients and a cell holding
+  the matrix families' baselines: ``optax.adam`` on the mean and one
+  projection ``Q^T X Q`` (the unit of their cost models)."""
   params = {"w": jnp.zeros((d, d), jnp.float32)}
   grads = {"w": jax.random.normal(jax.random.key(0), (m, d, d)) + 0.3}
-  factor = grads["w"][0] @ grads["w"][0].T / d + 1e-3 * jnp.eye(d)
   q = jnp.linalg.qr(jax.random.normal(jax.random.key(1), (1, d, d)))[0]
-  stateless = lambda f: lambda s, *a: (f(*a), s)
   adam = optax.adam(1e-3)
-  cell, step_memory = Cell(args), {}
+  cell = Cell(args)
   cell.add(ADAM_MEAN, update(adam, bcopt.microbatch_mean), adam.init(params),
            grads)
-  cell.add(EIGH, stateless(jnp.linalg.eigh), jnp.zeros(()), factor,
-           donate=False)
   cell.add(PROJECTION, stateless(shampoo_src._project),  # pylint: disable=protected-access
            jnp.zeros(()), q, grads["w"][:1], q, donate=False)
+  return cell, params, grads
+
+
+def stateless(f):
+  return lambda s, *a: (f(*a), s)
+
+
+def add_step_kinds(cell: Cell, name: str, tag: str, tx, kinds: dict, params,
+                   grads):
+  """``tx``'s update as one program, timed per step kind (``{kind: count
+  before the call}``) as ``"{name}, {kind}{tag}"``."""
+  program = update(tx)
+  for kind, count in kinds.items():
+    cell.add(f"{name}, {kind}{tag}", program, tx.init(params), grads, params,
+             prepare=lambda s, c=count: harness.with_count(s, c))
+    program = getattr(cell.runners.get(f"{name}, {kind}{tag}"), "compiled",
+                      program)  # one program for all kinds
+
+
+def shampoo_cell(d: int, m: int, libs: dict, args) -> dict:
+  cell, params, grads = matrix_cell(d, m, args)
+  factor = grads["w"][0] @ grads["w"][0].T / d + 1e-3 * jnp.eye(d)
+  cell.add(EIGH, stateless(jnp.linalg.eigh), jnp.zeros(()), factor,
+           donate=False)
+  step_memory = {}
   for tag, lib in libs.items():
     for name in filter(lambda name: chosen(args, name), SHAMPOO):
       cf, ic, k = SHAMPOO[name]
       tx = lib.scale_by_shampoo_bc(cross_fit=cf, inverse_correction=ic,
                                    variance_groups=k)
-      program = update(tx)
-      for kind, count in STEPS.items():
-        prepare = lambda s, c=count: harness.with_count(s, c)
-        cell.add(f"{name}, {kind}{tag}", program, tx.init(params), grads,
-                 params, prepare=prepare)
-        program = getattr(cell.runners.get(f"{name}, {kind}{tag}"),
-                          "compiled", program)  # one program for both
+      add_step_kinds(cell, name, tag, tx, STEPS, params, grads)
+      for kind in STEPS:
         if not tag and f"{name}, {kind}" in cell.runners:  # its own program
           fixed = lambda s, g, p, tx=tx, root=kind == "root": tx.update(
               g, s, p, root_step=root)
@@ -369,26 +388,13 @@ def shampoo_summary(v: dict, m: int) -> dict:
 
 
 def soap_cell(d: int, m: int, libs: dict, args) -> dict:
-  params = {"w": jnp.zeros((d, d), jnp.float32)}
-  grads = {"w": jax.random.normal(jax.random.key(0), (m, d, d)) + 0.3}
-  q = jnp.linalg.qr(jax.random.normal(jax.random.key(1), (1, d, d)))[0]
-  adam = optax.adam(1e-3)
-  cell = Cell(args)
-  cell.add(ADAM_MEAN, update(adam, bcopt.microbatch_mean), adam.init(params),
-           grads)
-  cell.add(PROJECTION, lambda s, *a: (shampoo_src._project(*a), s),  # pylint: disable=protected-access
-           jnp.zeros(()), q, grads["w"][:1], q, donate=False)
+  cell, params, grads = matrix_cell(d, m, args)
   for tag, lib in libs.items():
     for name in filter(lambda name: chosen(args, name), SOAP):
       cf, ic, k, _ = SOAP[name]
       tx = lib.scale_by_soap_bc(cross_fit=cf, inverse_correction=ic,
                                 variance_groups=k)
-      program = update(tx)
-      for kind, count in SOAP_STEPS.items():
-        cell.add(f"{name}, {kind}{tag}", program, tx.init(params), grads,
-                 params, prepare=lambda s, c=count: harness.with_count(s, c))
-        program = getattr(cell.runners.get(f"{name}, {kind}{tag}"),
-                          "compiled", program)  # one program for both
+      add_step_kinds(cell, name, tag, tx, SOAP_STEPS, params, grads)
   cell = {"d": d, "M": m, **cell.measure({"adam": ADAM_MEAN}, d * d)}
   v, base = cell["variants"], "SOAP, no refresh"
   cell["summary"] = {stat: {
