@@ -402,6 +402,7 @@ def train_loop(cfg: Config, prog: Program, corpus: data_lib.Corpus,
                seq_len=cfg.seq_len)
   tokens_per_step = cfg.microbatches * cfg.microbatch_size * cfg.seq_len
   schedule = optimizer_lib.learning_rate(cfg)
+  every = optimizer_lib.periodic_every(cfg)   # of the periodic step kind
   key = jax.random.wrap_key_data(replicate(
       prog, jax.random.key_data(jax.random.key(cfg.seed))))
   is_main = jax.process_index() == 0
@@ -423,7 +424,6 @@ def train_loop(cfg: Config, prog: Program, corpus: data_lib.Corpus,
       for step in range(start + 1, end + 1):   # the 1-based step being taken
         windows = data_lib.train_batch(corpus.train, seed=cfg.seed, step=step,
                                        noise=cfg.noise, **shape)
-        every = optimizer_lib.periodic_every(cfg)
         refresh = every is not None and (step - 1) % every == 0
         state, loss = prog.train_steps[refresh](state, place(prog, windows, 0),
                                                 key)
