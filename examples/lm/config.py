@@ -105,6 +105,9 @@ class Config:
       None, "override the optimizer's cross-fit scheme")
   inverse_correction: Literal["none", "jackknife", "paper"] | None = flag(
       None, "override the optimizer's inverse correction")
+  hparam: tuple[str, ...] = flag(
+      (), "override another keyword argument of the optimizer's table "
+      "entry, e.g. --hparam rho=0.02 (repeatable)", metavar="NAME=VALUE")
   # The model: a preset, field overrides and the vocabulary.
   preset: PresetName = flag("tiny", "model shapes (model.PRESETS)")
   model: tuple[str, ...] = flag(

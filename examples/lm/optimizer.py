@@ -9,7 +9,8 @@ steps.
 The ``_bc`` entries use the paper's reference settings (with each family's
 headline scheme); the plain entries are the same transforms
 with the bias corrections off. ``--cross-fit``/``--inverse-correction``
-override those two keyword arguments of any entry that has them.
+override those two keyword arguments of any entry that has them, and
+``--hparam NAME=VALUE`` any other (parsed as the table's value's type).
 
 An optax optimizer that takes mean gradients joins the table through
 ``mean_gradient``, which feeds it the microbatch mean (across devices too);
@@ -138,9 +139,41 @@ AVERAGE_INDEX = 2
 SWITCHES = ("cross_fit", "inverse_correction")   # overridable by their flags
 
 
+def _parse_hparam(name: str, value: str, default: Any) -> Any:
+  """``value`` as the type of the table's ``default`` (bool, int, float;
+  ``none`` for an optional one)."""
+  if value.lower() == "none" and default is None:
+    return None
+  if isinstance(default, bool):
+    if value.lower() not in ("true", "false"):
+      raise ValueError(f"--hparam {name}={value}: expected true or false")
+    return value.lower() == "true"
+  try:
+    return type(default)(value) if isinstance(default, (int, float)) else (
+        value)
+  except ValueError:
+    raise ValueError(f"--hparam {name}={value}: expected a "
+                     f"{type(default).__name__}") from None
+
+
 def optimizer_kwargs(cfg: Config) -> dict[str, Any]:
-  """The table's keyword arguments with the --cross-fit etc. overrides."""
+  """The table's keyword arguments with the --hparam, --cross-fit and
+  --inverse-correction overrides.
+
+  Raises:
+    ValueError: an --hparam that is not NAME=VALUE with NAME one of the
+      entry's keyword arguments (other than the two switches), or a value
+      not of its type.
+  """
   kwargs = dict(OPTIMIZERS[cfg.optimizer].kwargs)
+  for item in cfg.hparam:
+    name, sep, value = item.partition("=")
+    if not sep or name not in kwargs or name in SWITCHES:
+      raise ValueError(
+          f"--hparam {item!r}: expected NAME=VALUE with NAME in "
+          f"{sorted(set(kwargs) - set(SWITCHES))} (--optimizer "
+          f"{cfg.optimizer}; the switches have their own flags)")
+    kwargs[name] = _parse_hparam(name, value, kwargs[name])
   for name in SWITCHES:
     value = getattr(cfg, name)
     if value is not None:
@@ -236,6 +269,7 @@ def validate(cfg: Config) -> None:
         name not in OPTIMIZERS[cfg.optimizer].kwargs):
       raise ValueError(f"--{name.replace('_', '-')}: --optimizer "
                        f"{cfg.optimizer} has no such switch")
+  optimizer_kwargs(cfg)   # --hparam's names and types
   for name in cfg.averages:
     try:
       averager(cfg, name)

@@ -56,6 +56,27 @@ def test_switch_overrides():
               "sophia", "sophia_bc"]
 
 
+def test_hparam_overrides_parse_as_the_tables_types():
+  got = optimizer_lib.optimizer_kwargs(settings(
+      optimizer="sophia_bc", hparam=("rho=0.02", "clip=2", "rho=0.03")))
+  assert (got["rho"], got["clip"]) == (0.03, 2.0)   # the last one wins
+  assert type(got["clip"]) is float
+  got = optimizer_lib.optimizer_kwargs(settings(
+      optimizer="muon", hparam=("adaptive=True", "beta=0.9")))
+  assert (got["adaptive"], got["beta"]) == (True, 0.9)
+  got = optimizer_lib.optimizer_kwargs(settings(
+      optimizer="shampoo", hparam=("precondition_every=5",)))
+  assert got["precondition_every"] == 5
+  for bad, match in [("rho", "NAME=VALUE"), ("beta=0.9", "NAME=VALUE"),
+                     ("cross_fit=loo", "switches"), ("rho=high", "float"),
+                     ("clip=yes", "float")]:
+    with pytest.raises(ValueError, match=match):
+      optimizer_lib.validate(settings(optimizer="sophia_bc", hparam=(bad,)))
+  with pytest.raises(ValueError, match="true or false"):
+    optimizer_lib.optimizer_kwargs(settings(optimizer="muon",
+                                            hparam=("adaptive=1",)))
+
+
 def test_chain_clips_decays_matrices_and_ends_with_the_averages():
   cfg = settings(optimizer="adamw", average="ema,bema", lr=0.1, warmup=0,
                  schedule="constant", weight_decay=0.5, clip_norm=1.0,
