@@ -23,10 +23,16 @@ the table's names), e.g.::
 optimizer and the ``--average`` transforms (``bcopt.ema``/``bcopt.bema``,
 in that order, last so they see the parameters after each update);
 ``averaged_params(cfg, opt_state)`` reads the averages back out.
+
+``monitor(cfg)`` is the run's bias monitor (docs/monitor.md): from a step's
+microbatch gradients and the state before it, the gradient noise scale and,
+for bcopt entries, the coupling and Jensen shares (Sophia also the win
+rate), without changing the state.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
@@ -254,6 +260,77 @@ def averaged_params(cfg: Config, opt_state) -> dict[str, Any]:
   """``{average name: its parameters}`` held by a ``make(cfg)`` state."""
   return {name: bcopt.bema_params(opt_state[AVERAGE_INDEX + k])
           for k, name in enumerate(cfg.averages)}
+
+
+def monitored_kwargs(cfg: Config) -> dict[str, Any] | None:
+  """The keyword arguments the monitor builds the run's transform with
+  (None: the entry takes no ``diagnostics``; the monitor then measures the
+  noise scale alone). A plain entry (both switches off) takes its ``_bc``
+  entry's switches, so its run reports what the corrections would change
+  on its own trajectory (the plain and ``_bc`` states are alike)."""
+  entry = OPTIMIZERS[cfg.optimizer]
+  if "diagnostics" not in inspect.signature(entry.factory).parameters:
+    return None
+  kwargs = optimizer_kwargs(cfg)
+  corrected = OPTIMIZERS.get(cfg.optimizer + "_bc")
+  if corrected is not None and all(kwargs[k] is None for k in SWITCHES):
+    kwargs |= {k: corrected.kwargs[k] for k in SWITCHES}
+  return kwargs | {"diagnostics": True}
+
+
+def win_rate(cfg: Config, opt_state) -> jax.Array:
+  """Sophia's win rate in a ``make(cfg)`` state: the fraction of
+  coordinates its update does not clip, ``|m * inv| < clip`` from the
+  momentum and the cached inverse (the cross-fit folds clip their own
+  ratios, so for those it is the full-batch figure)."""
+  mu, inv = (optax.tree.get(opt_state[1], name) for name in ("mu", "inv"))
+  clip = optimizer_kwargs(cfg)["clip"]
+  unclipped = jax.tree.map(lambda m, i: jnp.sum(jnp.abs(m * i) < clip),
+                           mu, inv)
+  return (sum(jax.tree.leaves(unclipped))
+          / sum(x.size for x in jax.tree.leaves(mu)))
+
+
+def monitor(cfg: Config) -> Callable[..., dict[str, jax.Array]]:
+  """The bias monitor of a run (docs/monitor.md), for evaluation steps.
+
+  Returns:
+    ``measure(grads, opt_state, params, **extra) -> {name: float32
+    scalar}``: ``grads`` a step's microbatch gradients, ``opt_state`` a
+    ``make(cfg)`` state before the step and ``extra`` the step's update
+    arguments (a periodic step's: Sophia's curvature, Shampoo's
+    ``root_step``). Names: ``noise_scale`` (``bcopt.microbatch_diagnostics``,
+    in sequences), for bcopt entries ``coupling`` and ``jensen`` (the
+    shares of the step under ``monitored_kwargs``), for Sophia
+    ``win_rate``. Nothing is returned but the figures: the run's own step
+    is taken apart, so the monitor never changes the training.
+  """
+  entry, kwargs = OPTIMIZERS[cfg.optimizer], monitored_kwargs(cfg)
+  if kwargs is not None:
+    tx = optax.chain(bcopt.clip_by_global_norm(cfg.clip_norm), entry.factory(
+        learning_rate(cfg), weight_decay=cfg.weight_decay, mask=decay_mask,
+        **kwargs))
+  else:   # the noise scale alone, from the microbatch statistics
+    tx = bcopt.scale_by_adam_bc(cross_fit=None, inverse_correction=None,
+                                diagnostics=True)
+
+  def measure(grads, opt_state, params, **extra):
+    if kwargs is not None:   # the state with the diagnostics' place added
+      wrapped = lambda x: isinstance(x, bcopt.DiagnosticsState)
+      state = jax.tree.map(
+          lambda t, s: bcopt.DiagnosticsState(s, None) if wrapped(t) else s,
+          jax.eval_shape(tx.init, params), tuple(opt_state[:2]),
+          is_leaf=wrapped)
+      _, state = tx.update(grads, state, params, **extra)
+    else:
+      _, state = tx.update(grads, tx.init(params), params)
+    figures = bcopt.microbatch_diagnostics(state, cfg.microbatch_size)
+    out = {k: v["total"] for k, v in figures.items()
+           if kwargs is not None or k == "noise_scale"}
+    if entry.curvature:
+      out["win_rate"] = win_rate(cfg, opt_state)
+    return out
+  return measure
 
 
 def validate(cfg: Config) -> None:

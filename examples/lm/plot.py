@@ -4,7 +4,8 @@
 
 re-draws ``RUN_DIR/loss.png`` from ``RUN_DIR/metrics.jsonl`` (one JSON
 object per step: ``train_loss``, and ``val_loss``/``val_loss_ema``/
-``val_loss_bema`` at evaluations), as ``train.py`` does after every run.
+``val_loss_bema`` at evaluations, and the bias monitor's figures there), as
+``train.py`` does after every run.
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ def read_metrics(path: pathlib.Path, upto: int | None = None) -> list[dict]:
 
 
 def plot(out: pathlib.Path, records: list[dict]) -> pathlib.Path:
-  """Draws the training and validation losses into ``out/loss.png``."""
+  """Draws the training and validation losses into ``out/loss.png``, and
+  beside them the bias monitor's figures if the records have them."""
   import matplotlib   # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt   # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  monitored = any("noise_scale" in r for r in records)
+  fig, axes = plt.subplots(1, 1 + monitored, figsize=(7 + 6 * monitored, 4.5),
+                           squeeze=False)
+  ax = axes[0, 0]
   ax.plot([r["step"] for r in records], [r["train_loss"] for r in records],
           lw=0.8, alpha=0.7, label="train")
   averages = dict.fromkeys(   # val_loss_ema etc.; _avg repeats one of them
@@ -45,11 +50,35 @@ def plot(out: pathlib.Path, records: list[dict]) -> pathlib.Path:
   ax.set_ylabel("cross-entropy (nats/token)")
   ax.grid(alpha=0.3)
   ax.legend()
+  if monitored:
+    plot_monitor(axes[0, 1], records)
   fig.tight_layout()
   path = out / "loss.png"
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+def plot_monitor(ax, records: list[dict]) -> None:
+  """The monitor's shares (left axis) and noise scale (right, log axis)."""
+  def points(key):
+    return [(r["step"], r[key]) for r in records if r.get(key) is not None]
+  for key, label in (("coupling", "coupling share"),
+                     ("jensen", "Jensen share"),
+                     ("win_rate", "win rate (Sophia)")):
+    if points(key):
+      ax.plot(*zip(*points(key)), "o-", ms=3, label=label)
+  ax.set(xlabel="step", ylabel="share of the update",
+         title="bias monitor (docs/monitor.md)")
+  ax.grid(alpha=0.3)
+  right = ax.twinx()
+  if points("noise_scale"):
+    right.plot(*zip(*points("noise_scale")), "k^--", ms=4, lw=0.8,
+               label="noise scale B_simple (sequences)")
+    right.set_yscale("log")
+  right.set_ylabel("noise scale (sequences)")
+  lines = ax.get_legend_handles_labels(), right.get_legend_handles_labels()
+  ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -78,42 +78,26 @@ def per_microbatch(fn: Callable, xs, *, mode: str, data: int):
                                          jax.tree.map(split, xs)))
 
 
-def train_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
-               tx: optax.GradientTransformation, model_cfg: model_lib.Config,
-               mesh: jax.sharding.Mesh, mode: str, grad_dtype: str,
-               refresh: bool, curvature: bool = False,
-               update_kwargs: dict | None = None) -> tuple[dict, jax.Array]:
-  """One optimizer step on M microbatches of B windows of T + 1 tokens.
+def microbatch_terms(state: dict, windows_MxBxT1: jax.Array, key: jax.Array,
+                     *, model_cfg: model_lib.Config, mesh: jax.sharding.Mesh,
+                     mode: str, grad_dtype: str, refresh: bool,
+                     curvature: bool = False) -> tuple[dict, dict, jax.Array]:
+  """The microbatch gradients of a step (and its other update inputs).
 
-  Jitted on ``mesh``: the M axis of the windows and of the stacked
-  gradients is sharded over ``data``, each microbatch's B windows over
-  ``fsdp``, the gradients' parameter dimensions like the parameters.
+  Inside a step jitted on ``mesh``: the M axis of the windows and of the
+  stacked gradients is sharded over ``data``, each microbatch's B windows
+  over ``fsdp``, the gradients' parameter dimensions like the parameters.
   Sophia's labels of microbatch ``j`` are drawn with
-  ``fold_in(fold_in(key, step), j)``, on every mesh.
-
-  Args:
-    state: ``{"params", "opt_state", "step"}`` (``step``: int32 steps done).
-    windows_MxBxT1: int32 token windows.
-    key: the run's PRNG key.
-    tx: ``optimizer.make(cfg)``.
-    model_cfg: the model.
-    mesh: the ``(data, fsdp)`` mesh.
-    mode: ``"vmap"`` or ``"scan"`` (``per_microbatch``).
-    grad_dtype: dtype of the stacked microbatch gradients.
-    refresh: the optimizer's periodic step (``optimizer.periodic_every``):
-      Sophia's curvature refresh, Shampoo's root step.
-    curvature: the optimizer takes GNB curvature on refresh steps (it is
-      computed and passed to ``tx`` as ``curvature``).
-    update_kwargs: static keyword arguments of ``tx.update`` for this step
-      kind (``optimizer.step_kwargs``: Shampoo's ``root_step``).
+  ``fold_in(fold_in(key, step), j)``, on every mesh. Arguments: see
+  ``train_step``.
 
   Returns:
-    ``(state, loss)``: the state after the step and the mean training loss
-    of the batch before it.
+    ``(grads, extra, loss)``: the stacked gradients, ``{"curvature": ...}``
+    on Sophia's refresh steps (else empty) and the mean training loss.
   """
   logits_fn, loss_fn = model_lib.make_loss_fns(model_cfg)
-  step, params = state["step"] + 1, state["params"]
-  step_key = jax.random.fold_in(key, step)
+  params = state["params"]
+  step_key = jax.random.fold_in(key, state["step"] + 1)
   stacked = jax.tree.map(   # of per-microbatch trees: M over data
       lambda s: jax.NamedSharding(mesh, jax.P(DATA, *s)),
       model_lib.partition_specs(model_cfg),
@@ -136,11 +120,49 @@ def train_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
                        data=mesh.shape[DATA])
   extra = {k: jax.lax.with_sharding_constraint(out[k], stacked)
            for k in ("grads", "curvature") if k in out}
-  grads = extra.pop("grads")
+  return extra.pop("grads"), extra, out["loss"].mean()
+
+
+def train_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
+               tx: optax.GradientTransformation, update_kwargs: dict | None = None,
+               **terms) -> tuple[dict, jax.Array]:
+  """One optimizer step on M microbatches of B windows of T + 1 tokens.
+
+  Args:
+    state: ``{"params", "opt_state", "step"}`` (``step``: int32 steps done).
+    windows_MxBxT1: int32 token windows.
+    key: the run's PRNG key.
+    tx: ``optimizer.make(cfg)``.
+    update_kwargs: static keyword arguments of ``tx.update`` for this step
+      kind (``optimizer.step_kwargs``: Shampoo's ``root_step``).
+    **terms: ``microbatch_terms``' keyword arguments: ``model_cfg``,
+      ``mesh``, ``mode`` (``"vmap"`` or ``"scan"``, see ``per_microbatch``),
+      ``grad_dtype`` (of the stacked gradients), ``refresh`` (the
+      optimizer's periodic step, ``optimizer.periodic_every``: Sophia's
+      curvature refresh, Shampoo's root step) and ``curvature`` (the
+      optimizer takes GNB curvature, computed on refresh steps).
+
+  Returns:
+    ``(state, loss)``: the state after the step and the mean training loss
+    of the batch before it.
+  """
+  grads, extra, loss = microbatch_terms(state, windows_MxBxT1, key, **terms)
+  params = state["params"]
   updates, opt_state = tx.update(grads, state["opt_state"], params, **extra,
                                  **(update_kwargs or {}))
   return {"params": optax.apply_updates(params, updates),
-          "opt_state": opt_state, "step": step}, out["loss"].mean()
+          "opt_state": opt_state, "step": state["step"] + 1}, loss
+
+
+def monitor_step(state: dict, windows_MxBxT1: jax.Array, key: jax.Array, *,
+                 measure: Callable, update_kwargs: dict | None = None,
+                 **terms) -> dict[str, jax.Array]:
+  """The bias monitor's figures (``optimizer.monitor``) of the step that
+  ``train_step`` would take from ``state`` on these windows, as a periodic
+  step; the state is not changed. Arguments: see ``train_step``."""
+  grads, extra, _ = microbatch_terms(state, windows_MxBxT1, key, **terms)
+  return measure(grads, state["opt_state"], state["params"], **extra,
+                 **(update_kwargs or {}))
 
 
 def eval_step(params, windows_NxMxBxT1: jax.Array, *,
@@ -174,6 +196,8 @@ class Program(NamedTuple):
   train_steps: dict      # {periodic step?: (state, windows, key) -> (state,
   #                        loss)}; True only with optimizer.periodic_every
   eval_step: Callable    # (params, windows_NxMxBxT1) -> mean loss
+  monitor: Callable      # (state, windows, key) -> {figure: scalar}, the
+  #                        bias monitor of the step (optimizer.monitor)
 
 
 def state_shardings(tx: optax.GradientTransformation, params,
@@ -239,23 +263,26 @@ def build(cfg: Config, model_cfg: model_lib.Config) -> Program:
     model = model_lib.Transformer(model_cfg, rngs=nnx.Rngs(key))
     return restart(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
-  train_steps = {}
-  for refresh in (False, True) if optimizer_lib.has_periodic_step(cfg) else (
-      False,):
-    step = functools.partial(
-        train_step, tx=tx, model_cfg=model_cfg, mesh=mesh,
-        mode=cfg.microbatch_mode, grad_dtype=cfg.grad_dtype, refresh=refresh,
-        curvature=optimizer_lib.takes_curvature(cfg),
-        update_kwargs=optimizer_lib.step_kwargs(cfg, refresh))
-    train_steps[refresh] = jax.jit(
-        step, out_shardings=(shardings, replicated), donate_argnums=0,
-        compiler_options=options)
+  periodic = optimizer_lib.has_periodic_step(cfg)
+  terms = lambda refresh: dict(
+      model_cfg=model_cfg, mesh=mesh, mode=cfg.microbatch_mode,
+      grad_dtype=cfg.grad_dtype, refresh=refresh,
+      curvature=optimizer_lib.takes_curvature(cfg),
+      update_kwargs=optimizer_lib.step_kwargs(cfg, refresh))
+  train_steps = {refresh: jax.jit(
+      functools.partial(train_step, tx=tx, **terms(refresh)),
+      out_shardings=(shardings, replicated), donate_argnums=0,
+      compiler_options=options) for refresh in (False, True)[:1 + periodic]}
+  # The monitor measures a periodic step (Sophia's shares need curvature).
+  monitor = jax.jit(functools.partial(
+      monitor_step, measure=optimizer_lib.monitor(cfg), **terms(periodic)),
+                    out_shardings=replicated, compiler_options=options)
   return Program(
       mesh, replicated, shardings, tx,
       jax.jit(init, out_shardings=shardings),
       jax.jit(restart, out_shardings=shardings), train_steps,
       jax.jit(functools.partial(eval_step, model_cfg=model_cfg),
-              out_shardings=replicated, compiler_options=options))
+              out_shardings=replicated, compiler_options=options), monitor)
 
 
 def place(prog: Program, windows: np.ndarray, batch_axis: int) -> jax.Array:
@@ -365,6 +392,23 @@ def eval_losses(cfg: Config, prog: Program, state: dict, eval_sets: dict,
   return losses
 
 
+MONITOR = ("noise_scale", "coupling", "jensen", "win_rate")  # its figures
+
+
+def finite_or_none(x) -> float | None:
+  """A float for JSON; None for inf or nan (an undefined noise scale)."""
+  x = float(x)
+  return x if math.isfinite(x) else None
+
+
+def monitor_averages(records: list[dict]) -> dict[str, float]:
+  """The monitor's figures averaged over a run's evaluations (undefined
+  ones left out)."""
+  values = {k: [r[k] for r in records if r.get(k) is not None]
+            for k in MONITOR}
+  return {k: float(np.mean(v)) for k, v in values.items() if v}
+
+
 @contextlib.contextmanager
 def ctrl_c_flag():
   """Yields a list that the first Ctrl-C makes non-empty (a second raises)."""
@@ -425,8 +469,12 @@ def train_loop(cfg: Config, prog: Program, corpus: data_lib.Corpus,
         windows = data_lib.train_batch(corpus.train, seed=cfg.seed, step=step,
                                        noise=cfg.noise, **shape)
         refresh = every is not None and (step - 1) % every == 0
-        state, loss = prog.train_steps[refresh](state, place(prog, windows, 0),
-                                                key)
+        windows = place(prog, windows, 0)
+        evaluate = (cfg.eval_every and step % cfg.eval_every == 0) or (
+            step == cfg.steps)
+        figures = ({k: finite_or_none(v) for k, v in prog.monitor(
+            state, windows, key).items()} if evaluate else {})
+        state, loss = prog.train_steps[refresh](state, windows, key)
         loss = float(loss)
         if not math.isfinite(loss):
           raise FloatingPointError(
@@ -436,9 +484,10 @@ def train_loop(cfg: Config, prog: Program, corpus: data_lib.Corpus,
         record = {"step": step, "train_loss": loss,
                   "lr": float(schedule(step - 1)),
                   "tokens": step * tokens_per_step, "wall_s": round(wall(), 3)}
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+        if evaluate:
           record |= eval_losses(cfg, prog, state, eval_sets,
                                 ("val", "test") if cfg.eval_test else ("val",))
+          record |= figures
           bar.write(f"step {step}: " + ", ".join(
               f"{k} {v:.4f}" for k, v in record.items()
               if "_loss" in k and not k.endswith("_avg")))
@@ -502,6 +551,7 @@ def run(cfg: Config, argv: list[str], corpus: data_lib.Corpus,
                 * cfg.seq_len,
       "wall_s": round(wall_s, 3), "data": corpus.source,
       "init_from": init_from, "config": run_config,
+      "monitor": monitor_averages(records),
       "command": " ".join(["python -m examples.lm.train"]
                           + [shlex.quote(a) for a in argv])}
   if jax.process_index() == 0:

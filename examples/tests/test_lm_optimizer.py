@@ -77,6 +77,34 @@ def test_hparam_overrides_parse_as_the_tables_types():
                                             hparam=("adaptive=1",)))
 
 
+def test_win_rate_counts_the_unclipped_coordinates():
+  cfg = settings(optimizer="sophia_bc", hparam=("clip=0.5",))
+  params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(4)}
+  state = optimizer_lib.make(cfg).init(params)
+  rng = np.random.default_rng(0)
+  mu = {k: rng.normal(size=p.shape) for k, p in params.items()}
+  inv = {k: rng.uniform(0, 2, size=p.shape) for k, p in params.items()}
+  sophia = state[1][0]._replace(
+      mu=jax.tree.map(jnp.asarray, mu), inv=jax.tree.map(jnp.asarray, inv))
+  state = (state[0], (sophia, *state[1][1:]), *state[2:])
+  ratios = np.concatenate([np.abs(mu[k] * inv[k]).ravel() for k in mu])
+  np.testing.assert_allclose(optimizer_lib.win_rate(cfg, state),
+                             np.mean(ratios < 0.5), rtol=1e-6)
+
+
+def test_monitor_takes_the_bc_switches_for_a_plain_entry():
+  assert optimizer_lib.monitored_kwargs(settings(optimizer="sophia")) == (
+      optimizer_lib.OPTIMIZERS["sophia_bc"].kwargs | {"diagnostics": True})
+  got = optimizer_lib.monitored_kwargs(settings(optimizer="adamw_bc",
+                                                cross_fit="twofold"))
+  assert (got["cross_fit"], got["inverse_correction"]) == ("twofold",
+                                                           "jackknife")
+  got = optimizer_lib.monitored_kwargs(settings(
+      optimizer="adamw", inverse_correction="jackknife"))   # not plain
+  assert (got["cross_fit"], got["inverse_correction"]) == (None, "jackknife")
+  assert optimizer_lib.monitored_kwargs(settings(optimizer="adopt")) is None
+
+
 def test_chain_clips_decays_matrices_and_ends_with_the_averages():
   cfg = settings(optimizer="adamw", average="ema,bema", lr=0.1, warmup=0,
                  schedule="constant", weight_decay=0.5, clip_norm=1.0,

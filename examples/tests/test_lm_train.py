@@ -20,6 +20,7 @@ trains several times could; each run still goes through the whole loop.
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import pathlib
@@ -142,6 +143,76 @@ def test_every_optimizer_lowers_the_loss(inputs, programs, optimizer):
   assert losses[0] > math.log(256) - 0.3              # starts near uniform
   drop = 0.4 if optimizer in SHORT_START else 1.0
   assert np.mean(losses[-2:]) < losses[0] - drop
+
+
+def numpy_reference():
+  """tests/reference.py: the library tests' numpy restatement of SPEC."""
+  path = pathlib.Path(__file__).parents[2] / "tests" / "reference.py"
+  spec = importlib.util.spec_from_file_location("spec_reference", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_monitor_measures_the_step_against_numpy(inputs, programs):
+  """The plain AdamW run's monitor on its second step: the noise scale of
+  the microbatch gradients and the shares of AdamW-BC's switches (LOO,
+  jackknife) on that step, restated in float64 numpy (SPEC 3 and 9) from
+  per-microbatch gradients computed here, clipped as the chain clips."""
+  cfg, model_cfg, params, windows = inputs
+  prog = programs("adamw")
+  _, loss_fn = model_lib.make_loss_fns(model_cfg)
+  b1, b2, eps = (optimizer_lib.OPTIMIZERS["adamw"].kwargs[k]
+                 for k in ("b1", "b2", "eps"))
+
+  def clipped_grads(params, windows_MxBxT1):   # M x parameters
+    g = np.stack([np.concatenate([np.asarray(x, np.float64).ravel() for x in
+                                  jax.tree.leaves(jax.grad(loss_fn)(params, w))])
+                  for w in windows_MxBxT1])
+    return g * min(1.0, cfg.clip_norm / np.linalg.norm(g.mean(0)))
+
+  state = prog.restart(fresh(params))
+  gbar1 = clipped_grads(state["params"], windows[1]).mean(0)
+  state, _ = prog.train_steps[False](state, windows[1], KEY)
+  g = clipped_grads(state["params"], windows[2])
+  m, b = g.shape[0], cfg.microbatch_size
+  trace = ((g - g.mean(0)) ** 2).sum() / (m - 1)
+  noise = b * trace / ((g.mean(0) ** 2).sum() - trace / m)
+  mu, nu = (1 - b1) * gbar1, (1 - b2) * gbar1 ** 2
+  update = lambda scheme, estimator: numpy_reference().cross_fit_update(
+      lambda a: (b1 * mu + (1 - b1) * a) / (1 - b1 ** 2),
+      lambda s: np.sqrt((b2 * nu + (1 - b2) * s ** 2) / (1 - b2 ** 2)) + eps,
+      g, g, scheme, estimator)
+  u, u_plain, u_std = (update("loo", "jackknife"), update("loo", None),
+                       update(None, None))
+  norm = np.linalg.norm
+  got = prog.monitor(state, windows[2], KEY)
+  assert sorted(got) == ["coupling", "jensen", "noise_scale"]
+  np.testing.assert_allclose(got["noise_scale"], noise, rtol=1e-3)
+  np.testing.assert_allclose(
+      got["coupling"], norm(u_plain - u_std) / norm(u_std), rtol=1e-3)
+  np.testing.assert_allclose(
+      got["jensen"], norm(u - u_plain) / norm(u_plain), rtol=1e-3)
+  assert int(state["step"]) == 1   # the state is the caller's, unchanged
+
+
+@pytest.mark.parametrize("optimizer,names", [
+    ("sophia_bc", ["coupling", "jensen", "noise_scale", "win_rate"]),
+    ("shampoo", ["coupling", "jensen", "noise_scale"]),
+    ("muon", ["noise_scale"])])
+def test_monitor_of_each_kind(inputs, programs, optimizer, names):
+  """Sophia and Shampoo are measured as periodic steps (curvature, roots):
+  their shares are positive; an optax entry gets the noise scale alone,
+  the same for any optimizer on the same gradients."""
+  _, _, params, windows = inputs
+  got = programs(optimizer).monitor(
+      programs(optimizer).restart(fresh(params)), windows[1], KEY)
+  assert sorted(got) == names
+  assert all(float(got[k]) > 0 for k in names if k != "win_rate")
+  adamw = programs("adamw").monitor(
+      programs("adamw").restart(fresh(params)), windows[1], KEY)
+  np.testing.assert_allclose(got["noise_scale"], adamw["noise_scale"],
+                             rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -337,13 +408,18 @@ def test_outputs(runs):
       "summary.json"]
   assert list(summary) == ["final_val_loss", "final_eval_loss", "params",
                            "tokens", "wall_s", "data", "init_from", "config",
-                           "command"]
+                           "monitor", "command"]
   assert json.loads((out / "summary.json").read_text()) == summary
   assert json.loads((out / "config.json").read_text()) == summary["config"]
   records = metrics(out)
   assert [r["step"] for r in records] == list(range(1, STEPS + 1))
   assert [r["step"] for r in records if "val_loss" in r] == [4, STEPS]
   assert not any("test_loss" in r for r in records)    # no --eval-test
+  monitored = [r for r in records if "noise_scale" in r]   # at evaluations
+  assert [r["step"] for r in monitored] == [4, STEPS]
+  assert summary["monitor"] == {k: pytest.approx(np.mean(
+      [r[k] for r in monitored])) for k in ("noise_scale", "coupling",
+                                            "jensen")}
   assert summary["final_val_loss"] == records[-1]["val_loss"]
   assert summary["tokens"] == records[-1]["tokens"] == STEPS * 4 * 2 * 32
   assert summary["params"] == model_lib.count_params(
@@ -379,6 +455,17 @@ def test_averages_read_out_without_changing_training(runs):
     assert step8[f"{split}_loss_bema"] != step8[f"{split}_loss"]
   assert summary["final_eval_loss"] == step8["test_loss"]
   assert summary["final_eval_loss_bema"] == step8["test_loss_bema"]
+
+
+@pytest.mark.usefixtures("shared_builds")
+def test_the_monitor_does_not_change_training(runs, tiny, tmp_path):
+  """Monitored at steps 4 and 8 or at step 8 alone: the same run, bit for
+  bit (the monitor is a program of its own, run beside the train step)."""
+  out, _ = runs("plain")
+  train.main(tiny.flags(tmp_path, "adamw_bc", "--eval-every", "0"))
+  assert [r["train_loss"] for r in metrics(tmp_path)] == [
+      r["train_loss"] for r in metrics(out)]
+  assert [r["step"] for r in metrics(tmp_path) if "jensen" in r] == [STEPS]
 
 
 @pytest.mark.usefixtures("shared_builds")
