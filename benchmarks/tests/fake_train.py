@@ -4,7 +4,8 @@ Takes the example's flags and writes what a run writes for the benchmarks
 (``metrics.jsonl``, ``summary.json``), with losses that are a formula of
 the flags: ``final_val_loss = 2 + lr + seed / 1000``, test loss 0.1 higher.
 ``--lr`` above 1 fails as a diverged run does (train.py's message, exit 1);
-``--lr`` 0.5 fails otherwise.
+``--lr`` 0.5 fails otherwise. Its bias ``monitor``: noise_scale 1 + seed,
+coupling 10 lr.
 """
 
 import json
@@ -29,7 +30,8 @@ def main(argv):
       + "\n" for s in range(1, cfg.steps + 1)))
   (out / "summary.json").write_text(json.dumps({
       "final_val_loss": loss, "final_eval_loss": loss + 0.1,
-      "tokens": cfg.steps, "wall_s": 0.5, "argv": argv}))
+      "tokens": cfg.steps, "wall_s": 0.5, "argv": argv,
+      "monitor": {"noise_scale": 1.0 + cfg.seed, "coupling": 10 * cfg.lr}}))
   print(f"final validation loss {loss:.4f}")
 
 

@@ -1,6 +1,7 @@
 """The logic of benchmarks/lm_quality.py with a fake trainer (no training),
 and its committed records: their commands and the RESULTS.md section."""
 
+import functools
 import json
 import math
 import os
@@ -16,25 +17,47 @@ from examples.lm import optimizer
 from examples.lm import train
 
 SETTING = lq.Setting(steps=7)
-ARM_OFFSET = {"std": 0.0, "bc": -0.03, "cf": -0.02, "inv": 0.01, "paper": 0.0}
+ARM_OFFSET = {"std": 0.0, "bc": -0.03, "cf": -0.02, "inv": 0.01, "paper": 0.0,
+              "adopt": 0.02, "plain": 0.05, "adaptive": 0.04}
 HEAD = subprocess.run(["git", "-C", str(harness.ROOT), "rev-parse", "HEAD"],
                       capture_output=True, text=True).stdout.strip()
 
 
 def arm_of(cfg) -> str:
-  """Inverts lm_quality.arm_flags through train.py's own parser."""
+  """Inverts lm_quality.arm_flags through train.py's own parser (the
+  baselines' arms: "adopt", "plain" and "adaptive" Muon)."""
+  baseline = {"adopt": "adopt", "muon": "plain", "muon_adaptive": "adaptive"}
+  if cfg.optimizer in baseline:
+    return baseline[cfg.optimizer]
   if not cfg.optimizer.endswith("_bc"):
     return "std"
   return {(None, None): "bc", (None, "none"): "cf", ("none", None): "inv",
           }.get((cfg.cross_fit, cfg.inverse_correction), "paper")
 
 
+def rho_of(cfg) -> float:
+  """Sophia's rho of a run (the table's default unless --hparam sets it)."""
+  return optimizer.optimizer_kwargs(cfg).get("rho", lq.RHO)
+
+
+def floor_effect(cfg) -> float:
+  """The fake's loss change from the cosine floor: 0 at the grid's 0.1,
+  seed-dependent so that paired differences vary over seeds."""
+  return -0.5 * (cfg.lr_floor - 0.1) * (1 + cfg.seed)
+
+
 class FakeTrainer:
   """The training subprocess's stand-in: a loss bowl in log(lr) around
-  ``best_lr``, offset by arm, seed and noise."""
+  ``best_lr`` (per --optimizer in ``best_lrs``; Sophia's moves with rho,
+  ``best_lr * rho / 0.05``), offset by arm, seed, noise and the floor, and
+  a bowl in log(rho) around ``best_rho``. Its summary's ``monitor``:
+  noise_scale 1 + seed, coupling 10 lr, jensen 0.5 for the _bc optimizers,
+  win_rate 4 rho for Sophia's."""
 
-  def __init__(self, best_lr=3e-3, diverge_above=math.inf, shift=0.0):
+  def __init__(self, best_lr=3e-3, diverge_above=math.inf, shift=0.0,
+               best_lrs=None, best_rho=0.05):
     self.best_lr, self.diverge_above, self.shift = best_lr, diverge_above, shift
+    self.best_lrs, self.best_rho = best_lrs or {}, best_rho
     self.calls = []
 
   def __call__(self, argv):
@@ -42,16 +65,27 @@ class FakeTrainer:
     self.calls.append(argv)
     if cfg.lr > self.diverge_above:
       raise FloatingPointError("loss is nan at step 3")
-    loss = (2.0 + math.log(cfg.lr / self.best_lr) ** 2 + self.shift
-            + ARM_OFFSET[arm_of(cfg)] + 0.001 * cfg.seed + cfg.noise)
+    best_lr = self.best_lrs.get(cfg.optimizer, self.best_lr)
+    sophia = cfg.optimizer.startswith("sophia")
+    if sophia:
+      best_lr *= rho_of(cfg) / 0.05
+    loss = (2.0 + math.log(cfg.lr / best_lr) ** 2 + self.shift
+            + ARM_OFFSET[arm_of(cfg)] + 0.001 * cfg.seed + cfg.noise
+            + floor_effect(cfg)
+            + 2 * math.log(rho_of(cfg) / self.best_rho) ** 2 * sophia)
     out = pathlib.Path(cfg.out)
     out.mkdir(parents=True)
     (out / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "train_loss": loss + 1 / s,
                     **({"val_loss": loss + 1 / s} if s % 3 == 0 or s == 7
                        else {})}) + "\n" for s in range(1, 8)))
+    monitor = {"noise_scale": 1.0 + cfg.seed, "coupling": 10 * cfg.lr}
+    if cfg.optimizer.endswith("_bc"):
+      monitor["jensen"] = 0.5
+    if sophia:
+      monitor["win_rate"] = 4 * rho_of(cfg)
     return {"final_val_loss": loss, "final_eval_loss": loss + 0.1,
-            "tokens": 7 * 2048, "wall_s": 1.0}
+            "tokens": 7 * 2048, "wall_s": 1.0, "monitor": monitor}
 
 
 def run_with(trainer, results, runs_dir):
@@ -363,3 +397,246 @@ def test_the_old_command_names_its_commit_and_new_command(name):
                   f"{rep['command_reproduces_at_commit']}:{rep['script']}"],
                  check=True)
   lq.parse_args(harness.command_argv(rep["equivalent_command"], lq.MODULE))
+
+
+# Baselines, the paper's protocol and the bias monitor ----------------------
+
+@pytest.mark.parametrize("family,arm,name", [
+    ("soap", "std", "soap"), ("soap", "bc", "soap_bc"),
+    ("adopt", "std", "adopt"), ("muon", "plain", "muon"),
+    ("muon", "adaptive", "muon_adaptive"), ("adamw", "ref_bc", "adamw_bc"),
+    ("adamw", "ref_std", "adamw"), ("adamw", "std_floor0", "adamw")])
+def test_new_arms_parse_to_their_optimizer_and_floor(family, arm, name):
+  command = lq.Cell(family, arm, 4.5e-3, 1).command(SETTING)
+  cfg = train.parse_args(lq.lm_runs.argv_of(command, "/tmp/x"))
+  assert cfg.optimizer == name and (cfg.lr, cfg.seed) == (4.5e-3, 1)
+  assert (cfg.cross_fit, cfg.inverse_correction, cfg.hparam) == (None, None,
+                                                                 ())
+  floor = {"ref_bc": 0.2, "ref_std": 0.2, "std_floor0": 0.0}.get(arm, 0.1)
+  assert cfg.lr_floor == floor and command.count("--lr-floor") == 1
+  assert lq.Cell(family, arm, 4.5e-3, 1).name == (
+      f"shakespeare_{family}_{arm}_lr0.0045_s1")
+
+
+def test_hparams_are_in_the_name_and_command_only_when_set():
+  plain = lq.Cell("sophia", "bc", 1.5e-3, 0)
+  cell = lq.Cell("sophia", "bc", 1.5e-3, 0, hparams=(("rho", 0.025),))
+  assert plain.name == "shakespeare_sophia_bc_lr0.0015_s0"
+  assert cell.name == "shakespeare_sophia_bc_lr0.0015_rho0.025_s0"
+  assert "--hparam" not in plain.command(SETTING)
+  cfg = train.parse_args(lq.lm_runs.argv_of(cell.command(SETTING), "/x"))
+  assert cfg.hparam == ("rho=0.025",) and cfg.optimizer == "sophia_bc"
+  assert optimizer.optimizer_kwargs(cfg)["rho"] == 0.025
+  assert lq.rho_hparams(0.05) == () and lq.RHO == 0.05
+  assert lq.rho_hparams(0.1) == (("rho", 0.1),)
+  for bad in (("soap", "cf"), ("adopt", "bc"), ("muon", "std"),
+              ("sophia", "ref_bc")):
+    with pytest.raises(ValueError):
+      lq.arm_flags(*bad)
+
+
+def main_with(tmp_path, monkeypatch, trainer, *argv):
+  """lm_quality.main on a temporary results file; returns (runs, section)."""
+  monkeypatch.setattr(harness, "RESULTS_MD", tmp_path / "RESULTS.md")
+  results = tmp_path / "r.json"
+  lq.main([*argv, "--steps", "7", "--results", str(results), "--runs-dir",
+           str(tmp_path / "runs")], runner=trainer)
+  text = (tmp_path / "RESULTS.md").read_text()
+  name = "lm_quality_long" if "--long" in argv else "lm_quality"
+  return lq.load_runs(results), text.split(f"<!-- {name}:begin -->")[1].split(
+      f"<!-- {name}:end -->")[0]
+
+
+def test_baselines_search_seed_and_pair_with_adamw(tmp_path, monkeypatch):
+  # ADOPT's best rate is below the grid: its search extends to bracket it.
+  trainer = FakeTrainer(best_lrs={"adopt": 1.5e-3})
+  runs, section = main_with(
+      tmp_path, monkeypatch, trainer, "--families", "adamw", "soap", "adopt",
+      "muon", "--no-noise", "--arms", "std", "bc", "plain", "adaptive")
+  setting = lq.Setting(steps=7)
+  assert {f: lq.selected_lrs(runs, setting, f) for f in lq.BASELINES} == {
+      "soap": {"std": 3e-3, "bc": 3e-3}, "adopt": {"std": 1.5e-3},
+      "muon": {"plain": 3e-3, "adaptive": 3e-3}}
+  adopt = sorted(r["lr"] for r in runs if r["family"] == "adopt"
+                 and r["seed"] == 0)
+  assert adopt == [7.5e-4, 1.5e-3, 3e-3, 6e-3]
+  # 3-point searches (ADOPT's 4) of 7 arms, then seeds 1 and 2 of each.
+  assert len(runs) == len(trainer.calls) == 3 * 7 + 1 + 2 * 7
+  for family, arms in lq.SEARCHED.items():
+    if family in ("adamw", *lq.BASELINES):
+      for arm in arms:
+        assert sorted(r["seed"] for r in runs if (r["family"], r["variant"])
+                      == (family, arm) and r["lr"] == lq.selected_lrs(
+                          runs, setting, family)[arm]) == [0, 1, 2]
+  base = lq.summarize_baselines(runs, setting)
+  rows = {(r["family"], r["arm"]): r for r in base["rows"]}
+  assert list(rows) == [("adamw", "std"), ("adamw", "bc"), ("soap", "std"),
+                        ("soap", "bc"), ("adopt", "std"), ("muon", "plain"),
+                        ("muon", "adaptive")]
+  # The fake's loss is 2 + arm offset + seed / 1000 at the best rate.
+  for (family, arm), r in rows.items():
+    offset = ARM_OFFSET["adopt" if family == "adopt" else arm]
+    np.testing.assert_allclose(r["mean"], 2.1 + offset + 0.001)
+    for base_arm, p in (("std", r["vs_std"]), ("bc", r["vs_bc"])):
+      if (family, arm) == ("adamw", base_arm):
+        assert p is None
+        continue
+      np.testing.assert_allclose(p["diffs"], [offset - ARM_OFFSET[base_arm]]
+                                 * 3, atol=1e-12)
+      assert p["n"] == 3 and p["seeds"] == [0, 1, 2]
+  assert base["muon"] == "adaptive"
+  np.testing.assert_allclose([base["muon_val"]["plain"],
+                              base["muon_val"]["adaptive"]], [2.05, 2.04])
+  assert ("| adopt | std | `adopt` | 0.0015 | 3 | 2.1210 | +0.0200 ± 0.0000 "
+          "(0/3) | +0.0500 ± 0.0000 (0/3) |") in section
+  assert ("| muon | adaptive | `muon_adaptive` | 0.003 | 3 | 2.1410 | "
+          "+0.0400 ± 0.0000 (0/3) | +0.0700 ± 0.0000 (0/3) |") in section
+  assert "| soap | 0.003 | 0.003 |" in section          # the bc - std table
+  bowl = lambda lr: f"{2.02 + math.log(lr / 1.5e-3) ** 2:.4f}"
+  assert (f"| adopt | std | 0.00075: {bowl(7.5e-4)}, **0.0015: 2.0200**, "
+          f"0.003: {bowl(3e-3)}, 0.006: {bowl(6e-3)} |") in section
+  assert "the `adaptive` variant (`--optimizer muon_adaptive`)" in section
+  assert "(2.0400 vs 2.0500 for `plain`)" in section
+  # More seeds for one arm leave the others alone.
+  lq.run_family("adopt", setting, 4, run_with(trainer, tmp_path / "r.json",
+                                              tmp_path / "runs"), noise=False)
+  assert len(trainer.calls) == 3 * 7 + 1 + 2 * 7 + 1
+
+
+def test_ratio_is_the_delta_method_ratio_of_means():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(-0.02, 0.01, 5), rng.normal(-0.03, 0.01, 5)
+  r = lq.ratio(a, b)
+  mean_a, mean_b, n = a.mean(), b.mean(), len(a)
+  cov = np.cov(a, b)    # the delta method's variance of mean_a / mean_b
+  var = (mean_a / mean_b) ** 2 * (cov[0, 0] / mean_a ** 2 + cov[1, 1]
+                                  / mean_b ** 2 - 2 * cov[0, 1]
+                                  / (mean_a * mean_b)) / n
+  np.testing.assert_allclose([r["mean"], r["se"]], [mean_a / mean_b,
+                                                    math.sqrt(var)])
+  assert r["n"] == 5 and r["mean_b"] == mean_b
+  assert lq.ratio([0.1], [0.2]) == {"mean": 0.5, "se": None, "n": 1,
+                                    "mean_b": 0.2}
+  assert lq.ratio([], []) is None and lq.ratio([0.1], [0.0]) is None
+
+
+def test_protocol_runs_the_reference_configuration(tmp_path, monkeypatch):
+  trainer = FakeTrainer(best_lr=3e-3)
+  # One seed first, as the paper.
+  runs, section = main_with(tmp_path, monkeypatch, trainer, "--protocol",
+                            "--seeds", "1")
+  assert {(r["variant"], r["lr"], r["seed"], r["lr_floor"]) for r in runs
+          if r["variant"] in lq.PROTOCOL} == {
+              ("ref_bc", 4.5e-3, 0, 0.2), ("ref_std", 4.5e-3, 0, 0.2),
+              ("std_floor0", 3e-3, 0, 0.0)}
+  assert len(trainer.calls) == 3 + 3        # std's search, three arms
+  assert "| ref_bc - std_floor0 (the reference configuration) |" in section
+  # The tuned bc arm has no records: its pair is missing.
+  assert "| bc - std (tuned rates, floor 0.1) | - | - | - |" in section
+
+  lq.main(["--families", "adamw", "--arms", "std", "bc", "--no-noise",
+           "--protocol", "--steps", "7", "--results", str(tmp_path / "r.json"),
+           "--runs-dir", str(tmp_path / "runs")], runner=trainer)
+  runs = lq.load_runs(tmp_path / "r.json")
+  proto = [argv for argv in trainer.calls   # argv[-1]: the run's folder
+           if any(f"_{arm}_" in argv[-1] for arm in lq.PROTOCOL)]
+  assert [pathlib.Path(argv[-1]).name for argv in proto[:3]] == [
+      "shakespeare_adamw_ref_bc_lr0.0045_s0",
+      "shakespeare_adamw_ref_std_lr0.0045_s0",
+      "shakespeare_adamw_std_floor0_lr0.003_s0"]
+  for argv in proto:             # the commands carry the protocol's settings
+    cfg = train.parse_args(argv)
+    ref = "_ref_" in argv[-1]
+    assert cfg.lr == (4.5e-3 if ref else 3e-3)
+    assert cfg.lr_floor == (0.2 if ref else 0.0)
+    assert cfg.optimizer == ("adamw_bc" if "_ref_bc_" in argv[-1] else "adamw")
+    assert argv.count("--lr-floor") == 1
+  assert len(proto) == 9
+  summary = lq.summarize_protocol(runs, lq.Setting(steps=7))
+  # The fake's losses, restated: the bowl at 1.5 x the best rate, bc's
+  # offset, and the floor's seed-dependent effect.
+  # Relative to the seed's common part: ref arms -0.5 (0.2 - 0.1) (1 + s),
+  # std_floor0 -0.5 (0 - 0.1) (1 + s).
+  seeds = np.arange(3)
+  bowl = math.log(1.5) ** 2
+  ref_std, std_floor0 = bowl - 0.05 * (1 + seeds), 0.05 * (1 + seeds)
+  ref_bc = ref_std - 0.03
+  a, b = ref_std - std_floor0, ref_bc - std_floor0
+  np.testing.assert_allclose(summary["pairs"]["ref_bc-std_floor0"]["diffs"],
+                             b, atol=1e-9)
+  np.testing.assert_allclose(summary["pairs"]["ref_std-std_floor0"]["diffs"],
+                             a, atol=1e-9)
+  np.testing.assert_allclose(summary["pairs"]["bc-std"]["diffs"], [-0.03] * 3,
+                             atol=1e-9)
+  assert summary["seed0"]["ref_bc-std_floor0"]["n"] == 1
+  np.testing.assert_allclose(summary["seed0"]["ref_bc-std_floor0"]["mean"],
+                             b[0], atol=1e-9)
+  ratio = a.mean() / b.mean()
+  se = np.std(a - ratio * b, ddof=1) / math.sqrt(3) / abs(b.mean())
+  np.testing.assert_allclose([summary["share"]["mean"],
+                              summary["share"]["se"]], [ratio, se], rtol=1e-6)
+  np.testing.assert_allclose(summary["share_seed0"]["mean"], a[0] / b[0],
+                             rtol=1e-6)
+  section = lq.report_markdown(runs, lq.Setting(steps=7), lq.summarize(
+      runs, lq.Setting(steps=7)), "q.png", "r.json")
+  assert (f"| ref_bc - std_floor0 (the reference configuration) | "
+          f"{b[0]:+.4f} (1 seed) | {b.mean():+.4f} ± "
+          f"{np.std(b, ddof=1) / math.sqrt(3):.4f} | {(b < 0).sum()}/3 |") in section
+  assert b[0] > 0 > b.mean()     # seed 0 alone: the configuration lost
+  assert (f"{a[0] / b[0]:.2f} (not a share: there the reference "
+          f"configuration shows no gain, mean b = {b[0]:+.4f}) with 1 seed"
+          ) in section
+  assert f"{ratio:.2f} ± {se:.2f} over 3 seeds" in section
+  assert "| ref_bc | 0.0045 | 0.2 | 3 |" in section
+
+
+def test_monitor_averages_per_arm(tmp_path, monkeypatch):
+  trainer = FakeTrainer(best_lr=3e-3)
+  runs, section = main_with(tmp_path, monkeypatch, trainer, "--families",
+                            "adamw", "--arms", "std", "bc", "--no-noise")
+  assert all(r["monitor"]["noise_scale"] == 1 + r["seed"] for r in runs)
+  setting = lq.Setting(steps=7)
+  rows = {(m["family"], m["arm"]): m for m in lq.summarize_monitor(
+      runs, setting)}
+  assert list(rows) == [("adamw", "std"), ("adamw", "bc")]
+  for arm, m in rows.items():   # seeds 0, 1, 2 at 3e-3
+    assert m["n"] == 3 and m["win_rate"] is None
+    np.testing.assert_allclose([m["noise_scale"], m["coupling"]],
+                               [np.mean([1, 2, 3]), 10 * 3e-3])
+  assert rows["adamw", "std"]["jensen"] is None
+  assert rows["adamw", "bc"]["jensen"] == 0.5
+  assert "| adamw | std | 0.003 | 3 | 2 | 0.03 | - | - |" in section
+  assert "| adamw | bc | 0.003 | 3 | 2 | 0.03 | 0.5 | - |" in section
+  # Records of older code (no monitor) leave it out of the means.
+  for r in runs:
+    if r["seed"] == 2:
+      r["monitor"] = None
+  m = lq.summarize_monitor(runs, setting)[0]
+  assert m["n"] == 2 and m["noise_scale"] == 1.5
+  for r in runs:
+    del r["monitor"]
+  assert lq.summarize_monitor(runs, setting) is None
+  assert "Bias monitor" not in lq.report_markdown(
+      runs, setting, lq.summarize(runs, setting), "q.png", "r.json")
+
+
+def test_the_monitor_goes_from_summary_json_to_the_record(tmp_path):
+  """Through the training subprocess (the fake train.py) and its file."""
+  runner = functools.partial(lq.lm_runs.subprocess_runner,
+                             module="benchmarks.tests.fake_train")
+  results = tmp_path / "r.json"
+  record = lq.run_cell(lq.Cell("adamw", "bc", 0.25, 1), SETTING, results,
+                       tmp_path / "runs", runner)
+  assert record["monitor"] == {"noise_scale": 2.0, "coupling": 2.5}
+  assert lq.load_runs(results) == [record]
+
+
+def test_parse_args_of_the_new_work():
+  args = lq.parse_args(["--families", "soap", "adopt", "muon", "--protocol"])
+  assert args.families == ["soap", "adopt", "muon"] and args.protocol
+  assert args.setting == lq.Setting() and args.arms is None
+  assert args.results == harness.RESULTS_DIR / "lm_quality.json"
+  args = lq.parse_args(["--arms", "plain", "adaptive"])
+  assert args.arms == ["plain", "adaptive"]
+  with pytest.raises(SystemExit):
+    lq.parse_args(["--families", "lion"])
