@@ -104,13 +104,17 @@ class Runner:
   ``state_first``) with its state fed back. ``fn`` is compiled here
   (``compile_s``; a copy of ``state`` donated unless ``donate=False``; a
   jitted ``fn`` keeps its options) or is a shared ``jax.stages.Compiled``.
+  With ``reads_state`` it is ``fn(state, *args) -> out`` and the state
+  stays as it is (nothing donated).
   A call runs ``prepare(state)`` (untimed), times the compiled call to
   ``block_until_ready`` in wall and process CPU seconds (all threads; CPU
   time excludes waiting for a core), then ``check(out)``."""
 
   def __init__(self, fn: Callable, state: Any, *args: Any, donate=True,
                prepare: Optional[Callable] = None,
-               check: Optional[Callable] = None, state_first: bool = False):
+               check: Optional[Callable] = None, state_first: bool = False,
+               reads_state: bool = False):
+    donate = donate and not reads_state
     state = jax.tree.map(jnp.copy, state) if donate else state
     t0 = time.perf_counter()
     if not isinstance(fn, jax.stages.Compiled):
@@ -119,13 +123,17 @@ class Runner:
     self.compiled, self.compile_s = fn, time.perf_counter() - t0
     self.state, self.args = state, args
     self.prepare, self.check, self.state_first = prepare, check, state_first
+    self.reads_state = reads_state
     self.wall, self.cpu = [], []   # seconds per recorded call
 
   def __call__(self, record: bool = True) -> Any:
     state = self.state if self.prepare is None else self.prepare(self.state)
     jax.block_until_ready(state)
     c0, w0 = time.process_time(), time.perf_counter()
-    out, self.state = self.compiled(state, *self.args)
+    if self.reads_state:
+      out = self.compiled(state, *self.args)
+    else:
+      out, self.state = self.compiled(state, *self.args)
     if self.state_first:
       out, self.state = self.state, out
     jax.block_until_ready((out, self.state))

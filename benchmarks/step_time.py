@@ -1,10 +1,12 @@
 r"""Train-step cost of the bias-corrected optimizers on the LM example.
 
 Timed interleaved (``harness``) on random tokens: each family's ``std`` and
-``bc`` train steps of the example (Sophia refresh / non-refresh; Shampoo
-root / non-root, one program, the count set before each call), ``plain``
-(full-batch gradient, clip, ``optax.adamw``), and ``vmap`` over the
-microbatches of ``gnb_diag``, ``hutchinson_diag`` and ``grad(loss)``.
+``bc`` train steps of the example (Sophia refresh / non-refresh, Shampoo
+root / non-root: the example's two programs of each), ``plain``
+(full-batch gradient, clip, ``optax.adamw``), each arm's bias monitor (the
+example's program taken at evaluations, ``/monitor``: ``x step`` is its
+cost in steps of that arm), and ``vmap`` over the microbatches of
+``gnb_diag``, ``hutchinson_diag`` and ``grad(loss)``.
 Reported: medians, per-round ratios, XLA's memory, issue 6's ``TARGET``
 (docs/performance.md). Writes ``results/step_time[_quick].json`` and,
 without ``--quick``, its RESULTS.md section::
@@ -39,9 +41,11 @@ MODULE = "benchmarks.step_time"
 FAMILIES = ("adamw", "sophia", "shampoo")
 TARGET = 1.15   # issue 6: adamw_bc and sophia_bc (non-refresh) <= 1.15x std
 TARGETS = ("adamw/bc", "sophia/bc/nonrefresh")
-KINDS = {"sophia": {"/nonrefresh": False, "/refresh": True}}  # refresh flag
-SHAMPOO = {"/nonroot": 1, "/root": 0}   # the count before the call
+# The example's step kinds (its periodic step compiles apart): the flag.
+KINDS = {"sophia": {"/nonrefresh": False, "/refresh": True},
+         "shampoo": {"/nonroot": False, "/root": True}}
 GRADIENTS = "estimator/gradients"
+MONITOR = "/monitor"   # suffix of the bias monitor's programs
 
 
 def settings(args, preset: str, name: str) -> config.Config:
@@ -92,19 +96,15 @@ def runners(args, preset: str, log) -> tuple[dict, dict]:
       fact = {"optimizer": name, "params": model.count_params(state["params"]),
               "opt_state_bytes": harness.nbytes(state["opt_state"])}
       for kind, refresh in KINDS.get(family, {"": False}).items():
-        program = prog.train_steps[refresh]   # jitted: compiled once here
-        for suffix, count in (SHAMPOO if family == "shampoo" else {"": None}
-                              ).items():
-          label = f"{family}/{arm}{kind}{suffix}"
-          prepare = None if count is None else (
-              lambda s, c=count: harness.with_count(
-                  s, c, of=bcopt.ScaleByShampooBCState))
-          out[label] = harness.Runner(program, state, windows, key,
-                                      prepare=prepare, check=finite,
-                                      state_first=True)
-          if program is not out[label].compiled:
-            log(f"  {label}: compiled in {out[label].compile_s:.1f} s")
-          program, facts[label] = out[label].compiled, fact
+        label = f"{family}/{arm}{kind}"
+        out[label] = harness.Runner(prog.train_steps[refresh], state, windows,
+                                    key, check=finite, state_first=True)
+        log(f"  {label}: compiled in {out[label].compile_s:.1f} s")
+        facts[label] = fact
+      label = f"{family}/{arm}{MONITOR}"
+      out[label] = harness.Runner(prog.monitor, state, windows, key,
+                                  reads_state=True)
+      facts[label] = fact
   # The plain step and the estimators on the last step's model and params.
   logits_fn, loss_fn = model.make_loss_fns(model_cfg)
   step, tx = plain_step(settings(args, preset, "adamw"), loss_fn)
@@ -140,6 +140,10 @@ def measure(args, preset: str, log) -> dict:
     std = name.replace("/bc", "/std")
     base = GRADIENTS if name.startswith("estimator/") else "plain"
     ratios[name] = {f"vs_{base.split('/')[-1]}": harness.ratios(r, rs[base])}
+    if name.endswith(MONITOR):   # against the arm's usual train step
+      step = name[:-len(MONITOR)] + next(iter(KINDS.get(
+          name.split("/")[0], {"": None})))
+      ratios[name]["vs_step"] = harness.ratios(r, rs[step])
     if std != name:
       ratios[name] |= {"vs_std": harness.ratios(r, rs[std]), **{
           f"{k}_minus_std": steps[name][f][k] - steps[std][f][k]
@@ -166,7 +170,8 @@ def markdown(res: dict) -> str:
   pair = lambda r: f"{r['wall_paired']:.3f} / {r['cpu_paired']:.3f}"
   rows = [[name, f"{s['median_ms']:.4g}", f"{s['cpu_median_ms']:.4g}",
            *(pair(r[k]) if k in r else "" for r in [res["ratios"].get(
-               name, {})] for k in ("vs_std", "vs_plain", "vs_gradients")),
+               name, {})] for k in ("vs_std", "vs_plain", "vs_gradients",
+                                    "vs_step")),
            f"{s['memory']['temp'] / 2**20:.1f}",
            f"{s['opt_state_bytes'] / 2**20:.2f}" if "opt_state_bytes" in s
            else ""] for name, s in res["steps"].items()]
@@ -176,7 +181,8 @@ def markdown(res: dict) -> str:
       + " x ".join(map(str, res["shape"].values()))
       + f", {res['rounds']} rounds", "",
       harness.table(["program", "wall ms", "CPU ms", "x std", "x plain",
-                     "x gradients", "temp MiB", "opt state MiB"], rows), "",
+                     "x gradients", "x step", "temp MiB", "opt state MiB"],
+                    rows), "",
       "Ratios: medians of the per-round ratios, wall / CPU time. Target: at "
       f"most {TARGET}x std" + "".join(
           f"; {name}: wall {t['wall_paired']:.3f} ({word(t['met_wall'])}), "

@@ -133,6 +133,14 @@ def test_runner_of_a_jitted_step_returning_state_first():
   np.testing.assert_array_equal(state, np.arange(3.0))  # a copy was donated
 
 
+def test_runner_that_reads_its_state():
+  probe = jax.jit(lambda s, x: (s * x).sum())
+  state = jnp.arange(3.0)
+  r = harness.Runner(probe, state, jnp.full(3, 2.0), reads_state=True)
+  assert float(r()) == 6.0 and float(r()) == 6.0   # the state is kept
+  assert r.state is state and len(r.wall) == 2
+
+
 def test_write_json_is_atomic(tmp_path, monkeypatch):
   path = tmp_path / "sub" / "r.json"
   harness.write_json(path, {"a": [1, 2.5]})
