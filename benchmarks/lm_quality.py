@@ -765,7 +765,7 @@ def extra_sections(runs: list[dict], setting: Setting) -> list[str]:
                                else "-" for a in MAIN_ARMS),
              rhos, diff(p), "-" if p is None else f"{p['improved']}/{p['n']}"]
             for label, k, rhos, p in (
-                ("default rho (the row above)", "lr", f"{RHO:g} / {RHO:g}",
+                ("default rho (main table)", "lr", f"{RHO:g} / {RHO:g}",
                  rho["default"]),
                 ("tuned rho", "lr_at_rho", " / ".join(
                     f"{rho['arms'][a]['rho']:g}" if a in rho["arms"] else "-"

@@ -1,6 +1,7 @@
 """The logic of benchmarks/lm_quality.py with a fake trainer (no training),
 and its committed records: their commands and the RESULTS.md section."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -640,3 +641,142 @@ def test_parse_args_of_the_new_work():
   assert args.arms == ["plain", "adaptive"]
   with pytest.raises(SystemExit):
     lq.parse_args(["--families", "lion"])
+
+
+# Sophia's rho and the longer runs -------------------------------------------
+
+def test_sophia_rho_is_chosen_then_the_rate_then_seeds(tmp_path, monkeypatch):
+  # The fake's best rho is 0.1 and its best rate doubles with rho.
+  trainer = FakeTrainer(best_lr=1.5e-3, best_rho=0.1)
+  runs, section = main_with(tmp_path, monkeypatch, trainer, "--sophia-rho")
+  # Rates at the default rho (3 per arm); per arm rho 0.025, 0.1 and 0.2
+  # (0.05 is the rate search's point), rates 7.5e-4, 3e-3, 6e-3 at rho 0.1
+  # (1.5e-3 is the rho search's point), seeds 1 and 2 at (3e-3, 0.1).
+  assert len(runs) == len(trainer.calls) == 6 + 2 * (3 + 3 + 2)
+  assert len({lq.cell_of(r).name for r in runs}) == len(runs)
+  val = lambda rho, lr=1.5e-3: (2 + math.log(lr / (1.5e-3 * rho / 0.05)) ** 2
+                                + 2 * math.log(rho / 0.1) ** 2)
+  setting = lq.Setting(steps=7)
+  rho = lq.summarize_rho(runs, setting)
+  for arm in lq.MAIN_ARMS:
+    a = rho["arms"][arm]
+    assert (a["lr"], a["rho"], a["lr_at_rho"]) == (1.5e-3, 0.1, 3e-3)
+    assert a["hparams"] == (("rho", 0.1),)
+    assert a["rho_settled"] and a["lr_settled"] and a["n"] == 3
+    assert [p[0] for p in a["rho_grid"]] == [0.025, 0.05, 0.1, 0.2]
+    np.testing.assert_allclose([p[1] for p in a["rho_grid"]], [
+        val(x) + ARM_OFFSET[arm] for x in (0.025, 0.05, 0.1, 0.2)])
+    np.testing.assert_allclose([p[2] for p in a["rho_grid"]],
+                               [0.1, 0.2, 0.4, 0.8])   # the win rates
+    assert [x for x, _ in a["lr_grid"]] == [7.5e-4, 1.5e-3, 3e-3, 6e-3]
+  np.testing.assert_allclose(rho["tuned"]["diffs"], [-0.03] * 3, atol=1e-9)
+  assert rho["default"]["n"] == 1       # no seeds at the default rho here
+  seeded = [r for r in runs if r["seed"] > 0]
+  assert all(r["hparams"] == {"rho": 0.1} and r["lr"] == 3e-3 for r in seeded)
+  for r in seeded:
+    cfg = train.parse_args(lq.lm_runs.argv_of(r["command"], "/x"))
+    assert rho_of(cfg) == 0.1 and cfg.lr == 3e-3
+    assert "_rho0.1_s" in lq.cell_of(r).name
+  assert ("| std | 0.0015 | 0.025: {:.4f} (win rate 0.10), 0.05: {:.4f} (win "
+          "rate 0.20), **0.1: {:.4f} (win rate 0.40)**, 0.2: {:.4f} (win rate"
+          " 0.80) | 0.1 | 0.00075: {:.4f}, 0.0015: {:.4f}, **0.003: {:.4f}**, "
+          "0.006: {:.4f} |").format(
+              *(val(x) for x in (0.025, 0.05, 0.1, 0.2)),
+              *(val(0.1, lr) for lr in (7.5e-4, 1.5e-3, 3e-3, 6e-3))
+          ) in section
+  assert ("| tuned rho | 0.003 / 0.003 | 0.1 / 0.1 | -0.0300 ± 0.0000 | 3/3 |"
+          in section)
+  assert "| default rho (main table) | 0.0015 / 0.0015 | 0.05 / 0.05 |" \
+      in section
+  assert "| sophia | std, rho 0.1 | 0.003 | 3 |" in section     # monitor
+  # Resumed: nothing runs again.
+  lq.run_sophia_rho(setting, 3, run_with(trainer, tmp_path / "r.json",
+                                         tmp_path / "runs"))
+  assert len(trainer.calls) == 22
+
+
+def test_sophia_rho_at_the_default_reuses_the_rate_search(tmp_path):
+  trainer = FakeTrainer(best_lr=1.5e-3, best_rho=0.05)
+  results = tmp_path / "r.json"
+  run = run_with(trainer, results, tmp_path / "runs")
+  lq.run_family("sophia", SETTING, 3, run, noise=False, arms=lq.MAIN_ARMS)
+  before = len(trainer.calls)
+  lq.run_sophia_rho(SETTING, 3, run)
+  # Only rho 0.025 and 0.1 per arm are new: the rate and seeds at the
+  # default rho are the grid's records.
+  assert len(trainer.calls) - before == 2 * 2
+  rho = lq.summarize_rho(lq.load_runs(results), SETTING)
+  assert all(a["rho"] == 0.05 and a["hparams"] == () and a["lr_at_rho"]
+             == 1.5e-3 and a["n"] == 3 for a in rho["arms"].values())
+  assert rho["tuned"] == rho["default"]
+
+
+class Interrupted(Exception):
+  pass
+
+
+def test_long_runs_the_most_important_first_and_resume(tmp_path, monkeypatch):
+  class Stopping(FakeTrainer):
+    def __init__(self, after):
+      super().__init__(best_lrs={"adopt": 1.5e-3})
+      self.after = after
+
+    def __call__(self, argv):
+      if len(self.calls) == self.after:
+        raise Interrupted
+      return super().__call__(argv)
+
+  monkeypatch.setattr(harness, "RESULTS_MD", tmp_path / "RESULTS.md")
+  argv = ["--long", "--steps", "7", "--results", str(tmp_path / "long.json"),
+          "--runs-dir", str(tmp_path / "runs")]
+  first = Stopping(after=9)
+  with pytest.raises(Interrupted):
+    lq.main(argv, runner=first)
+  rest = Stopping(after=math.inf)
+  lq.main(argv, runner=rest)
+  names = [pathlib.Path(a[-1]).name for a in first.calls + rest.calls]
+  # 3-point searches (ADOPT's 4), 2 more seeds per arm, cf's 3 seeds.
+  assert len(names) == len(set(names)) == 3 + 3 + 4 + 4 + 2 + 3
+  order = [(n.split("_")[2], n.split("_")[-1]) for n in names]
+  # std and bc searches (seed 0), their seeds, ADOPT's search and seeds,
+  # then cf's seeds.
+  assert order == [("std", "s0")] * 3 + [("bc", "s0")] * 3 + [
+      (arm, f"s{s}") for s in (1, 2) for arm in ("std", "bc")] + [
+          ("std", "s0")] * 4 + [("std", "s1"), ("std", "s2")] + [
+              ("cf", f"s{s}") for s in range(3)]
+  assert [n.split("_")[1] for n in names].count("adopt") == 6
+  assert all(n.split("_")[1] == "adopt" for n in names[10:16])
+  cfg = train.parse_args(first.calls[0])
+  assert (cfg.steps, cfg.microbatches, cfg.microbatch_size, cfg.seq_len,
+          cfg.eval_every, cfg.warmup, cfg.lr_floor) == (7, 16, 2, 128, 100, 20,
+                                                        0.1)
+  runs = lq.load_runs(tmp_path / "long.json")
+  assert len(runs) == 19 and all(r["microbatches"] == 16 for r in runs)
+  summary = lq.summarize(runs, dataclasses.replace(lq.LONG, steps=7))
+  np.testing.assert_allclose(summary["adamw"]["diffs"]["cf"]["diffs"],
+                             [ARM_OFFSET["cf"]] * 3, atol=1e-9)
+  text = (tmp_path / "RESULTS.md").read_text()
+  assert "<!-- lm_quality:begin -->" not in text
+  section = text.split("<!-- lm_quality_long:begin -->")[1]
+  assert section.startswith("\n" + lq.LONG_HEAD)
+  assert "7 steps of M = 16 x 2 sequences" in section
+  assert "Not run yet" not in section
+  assert "Reproduce: `python -m benchmarks.lm_quality --long`" in section
+  assert "| adopt | std | `adopt` | 0.0015 | 3 |" in section
+  assert (tmp_path / "long.png").stat().st_size > 0
+  assert (tmp_path / "long_curves.json").exists()
+
+
+def test_parse_args_of_the_long_runs():
+  args = lq.parse_args(["--long"])
+  assert args.setting == lq.LONG == lq.Setting(steps=1000, microbatches=16,
+                                               eval_every=100)
+  assert args.results == harness.RESULTS_DIR / "lm_quality_long.json"
+  assert args.png == harness.RESULTS_DIR / "lm_quality_long.png"
+  assert args.runs_dir == harness.ROOT / "runs" / "lm_quality_long"
+  assert lq.parse_args(["--long", "--preset", "small"]).setting == (
+      dataclasses.replace(lq.LONG, preset="small"))
+  for bad in (["--long", "--families", "adamw"], ["--long", "--protocol"],
+              ["--long", "--quick"], ["--long", "--sophia-rho"]):
+    with pytest.raises(SystemExit):
+      lq.parse_args(bad)
