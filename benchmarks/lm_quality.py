@@ -15,6 +15,7 @@ are rebuilt from the records. On an accelerator add e.g. ``--preset small
   python -m benchmarks.lm_quality --protocol       # the paper's protocol
   python -m benchmarks.lm_quality --sophia-rho     # Sophia's rho, tuned
   python -m benchmarks.lm_quality --long           # 1000-step runs (own file)
+  python -m benchmarks.lm_quality --add-monitor    # monitor of older records
   python -m benchmarks.lm_quality --report-only    # RESULTS.md + PNG from JSON
   python -m benchmarks.lm_quality --verify 6       # rerun 6 records, compare
 """
@@ -318,6 +319,43 @@ def verify(results: pathlib.Path, runs_dir: pathlib.Path, count: int,
   worst = max(abs(c[k]["diff"]) for c in checks for k in LOSSES)
   return {"tolerance": tolerance, "checks": checks, "max_abs_diff": worst,
           "ok": worst <= tolerance}
+
+
+def add_monitor(results: pathlib.Path, setting: Setting, families,
+                runs_dir: pathlib.Path, runner=None,
+                tolerance: float = REPRODUCE_TOLERANCE) -> int:
+  """Gives the main arms' seeded records of ``families`` (at their chosen
+  rates) that predate the bias monitor its run averages: each record's
+  command is re-run, its losses must come back within ``tolerance`` (the
+  monitor does not change training; older code may round differently), and
+  the record gains ``monitor`` and ``monitor_rerun`` (the re-run's code and
+  losses; the recorded losses stay). Returns how many records gained it.
+
+  Raises:
+    ValueError: a re-run whose losses moved by more than ``tolerance``.
+  """
+  added = 0
+  for family in families:
+    lrs = selected_lrs(load_runs(results), setting, family)
+    for arm in (a for a in MAIN_ARMS if a in lrs):
+      for r in select(load_runs(results), setting, family, arm, lrs[arm]):
+        if r.get("monitor") or r.get("status", "ok") != "ok":
+          continue
+        out = runs_dir / "monitor" / cell_of(r).name   # reused if finished
+        log(f"monitor {out.name} (load {os.getloadavg()[0]:.1f})")
+        s = lm_runs.run(lm_runs.argv_of(r["command"], out), runner,
+                        replace=True)
+        moved = max(abs(s[k] - r[k]) for k in LOSSES)
+        if moved > tolerance:
+          raise ValueError(f"{out.name}: the re-run's losses moved by "
+                           f"{moved:.4f} > {tolerance}; not added")
+        data = load_file(results)   # re-read: never drop what is on disk
+        i = data["runs"].index(r)
+        data["runs"][i] = {**r, "monitor": s.get("monitor"), "monitor_rerun": {
+            "code": s["benchmark"]["code"], **{k: s[k] for k in LOSSES}}}
+        harness.write_json(results, data)
+        added += 1
+  return added
 
 
 def val_loss(record: dict | None) -> float:
@@ -965,6 +1003,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   add("--long", action="store_true", help="the longer runs (1000 steps, M ="
       " 16; results/lm_quality_long.json): AdamW std, bc, ADOPT, AdamW cf")
   add("--no-noise", action="store_true", help="skip AdamW's noisy-data row")
+  add("--add-monitor", action="store_true", help="re-run the --families' "
+      "main-arm seeds recorded without the bias monitor, adding its averages")
   add("--rerun-unversioned", action="store_true",
       help="first re-run the families' records that have no `code`")
   add("--verify", type=int, metavar="K", help="re-run K records spread over "
@@ -1021,6 +1061,10 @@ def main(argv=None, runner=None) -> None:
     if args.rerun_unversioned:
       n = rerun_unversioned(results, setting, families, run)
       log(f"re-ran {n} unversioned records")
+    if args.add_monitor:
+      n = add_monitor(results, setting, families, args.runs_dir, runner)
+      log(f"added the monitor to {n} records")
+      families = []
     for family in families:
       run_family(family, setting, args.seeds, run, noise=family == "adamw"
                  and not args.no_noise, arms=args.arms and tuple(args.arms))

@@ -302,6 +302,34 @@ def test_verify_reruns_recorded_commands(tmp_path):
                    runner=FakeTrainer(shift=0.01))["ok"]
 
 
+def test_add_monitor_to_older_records(tmp_path):
+  results, runs_dir = tmp_path / "r.json", tmp_path / "runs"
+  lq.run_family("adamw", SETTING, 2, run_with(FakeTrainer(), results,
+                                              runs_dir), noise=False)
+  data = lq.load_file(results)   # as if made before the monitor existed
+  for r in data["runs"]:
+    r.pop("monitor")
+  harness.write_json(results, data)
+  lrs = lq.selected_lrs(data["runs"], SETTING, "adamw")
+  with pytest.raises(ValueError, match="moved by 0.0300"):
+    lq.add_monitor(results, SETTING, ["adamw"], runs_dir / "a",
+                   FakeTrainer(shift=0.03))
+  rerun = FakeTrainer(shift=0.01)
+  assert lq.add_monitor(results, SETTING, ["adamw"], runs_dir / "b",
+                        rerun) == 4 == len(rerun.calls)
+  after = lq.load_runs(results)
+  for arm in lq.MAIN_ARMS:   # the main arms' seeds at their chosen rates
+    for r in lq.select(after, SETTING, "adamw", arm, lrs[arm]):
+      assert r["monitor"]["noise_scale"] == 1.0 + r["seed"]
+      assert r["monitor_rerun"]["final_eval_loss"] == pytest.approx(
+          r["final_eval_loss"] + 0.01)
+  assert sum("monitor" in r for r in after) == 4   # nothing else re-run
+  assert [{k: v for k, v in r.items() if "monitor" not in k} for r in after
+          ] == data["runs"]                        # nor changed
+  assert lq.add_monitor(results, SETTING, ["adamw"], runs_dir / "b",
+                        FakeTrainer()) == 0
+
+
 def test_verify_command_keeps_earlier_checks(tmp_path, monkeypatch):
   monkeypatch.setattr(harness, "RESULTS_MD", tmp_path / "RESULTS.md")
   results = tmp_path / "r.json"
