@@ -344,12 +344,14 @@ def _label(scheme, correction) -> str:
   return f"{scheme or 'standard':<10} {correction or 'none':<10}"
 
 
-def _cell(record: Optional[dict], key: str) -> str:
+def _cell(record: Optional[dict], key: str, digits: int = 2) -> str:
+  width = 12 + digits
   if record is None or "skipped" in record:
-    return f"{'-':>14}"
+    return f"{'-':>{width}}"
   if key + "_se" in record:
-    return f"{100 * record[key]:7.2f} ±{100 * record[key + '_se']:5.2f}"
-  return f"{100 * record[key]:14.2f}"
+    return (f"{100 * record[key]:7.{digits}f}"
+            f" ±{100 * record[key + '_se']:{digits + 3}.{digits}f}")
+  return f"{100 * record[key]:{width}.{digits}f}"
 
 
 def format_tables(results: list[dict], breakdown_m: int) -> str:
@@ -383,22 +385,24 @@ def format_b2_tables(results: list[dict], breakdown_m: int,
   w2 = {r["b2"]: r["w2"] for r in results}
   rows = [row for row in rows
           if any((b2,) + row + (m,) in by_key for b2 in b2s for m in ms)]
-  label = lambda b2, row: f"{b2:<6g} {w2[b2]:<7.3g}" + _label(*row)
-  header = f"{'b2':<6} {'w2':<7}{'scheme':<10} {'correction':<10}"
+  label = lambda b2, row: f"{b2:<6g} {w2[b2]:<7.3g} " + _label(*row)
+  header = f"{'b2':<6} {'w2':<7} {'scheme':<10} {'correction':<10}"
+  # One more digit than format_tables: late in training the biases are small.
   lines = ["Relative bias ||E[u] - u*|| / ||u*|| in % (± Monte Carlo error)",
-           "", header + "".join(f"{'M=' + str(m):>15}" for m in ms)]
+           "", header + "".join(f"{'M=' + str(m):>16}" for m in ms)]
   for b2 in b2s:
     for row in rows:
       lines.append(label(b2, row) + "".join(
-          " " + _cell(by_key.get((b2,) + row + (m,)), "total") for m in ms))
+          " " + _cell(by_key.get((b2,) + row + (m,)), "total", 3)
+          for m in ms))
   parts = ("total", "coupling", "inversion", "group_size", "shrink")
   lines += ["", f"Its parts at M={breakdown_m}, % of ||u*|| (they add as"
             " vectors; shrink < 0: E[u] is shorter than u*)", "",
-            header + "".join(f"{p.replace('_', ' '):>15}" for p in parts)]
+            header + "".join(f"{p.replace('_', ' '):>16}" for p in parts)]
   for b2 in b2s:
     for row in rows:
       lines.append(label(b2, row) + "".join(
-          " " + _cell(by_key.get((b2,) + row + (breakdown_m,)), p)
+          " " + _cell(by_key.get((b2,) + row + (breakdown_m,)), p, 3)
           for p in parts))
   return "\n".join(lines)
 
