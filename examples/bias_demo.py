@@ -76,9 +76,10 @@ removes both; its total falls with M, to about half of standard Adam's at
 M = 32, while at M = 4 its group of ``M - 1`` costs more than it saves.
 Twofold and symmetric lose to their halved preconditioner batch. The
 "paper" estimator under-corrects LOO by about a factor M and over-corrects
-the standard scheme more as M grows. Both biases scale with ``w1 * w2``: a
-few percent in the first steps (the default ``--step 3``), ten times smaller
-in a stationary state late in training (``--step 200 --kappa 1``).
+the standard scheme more as M grows. The coupling bias scales with ``w1 *
+w2``, the inversion bias with ``w2^2`` (``--b2`` shows both): a few percent
+in the first steps (the default ``--step 3``), ten times smaller in a
+stationary state late in training (``--step 200 --kappa 1``).
 
 Estimators. ``E[f]`` comes from the same compiled update: the numerator is
 affine in the momentum state, so lowering ``mu_state`` by ``(1 - b1^t) c / b1``
