@@ -2,6 +2,7 @@
 
     python examples/bias_demo.py           # 48 configurations, ~30 s of CPU
     python examples/bias_demo.py --quick   # M in {4, 16}, 1/4 of the draws
+    python examples/bias_demo.py --b2 0.9 0.95 0.99 0.999  # a b2 axis
 
 A Monte Carlo on a synthetic problem whose population quantities are known in
 closed form. For every cross-fit scheme (standard, twofold, symmetric, loo) x
@@ -75,9 +76,10 @@ removes both; its total falls with M, to about half of standard Adam's at
 M = 32, while at M = 4 its group of ``M - 1`` costs more than it saves.
 Twofold and symmetric lose to their halved preconditioner batch. The
 "paper" estimator under-corrects LOO by about a factor M and over-corrects
-the standard scheme more as M grows. Both biases scale with ``w1 * w2``: a
-few percent in the first steps (the default ``--step 3``), ten times smaller
-in a stationary state late in training (``--step 200 --kappa 1``).
+the standard scheme more as M grows. The coupling bias scales with ``w1 *
+w2``, the inversion bias with ``w2^2`` (``--b2`` shows both): a few percent
+in the first steps (the default ``--step 3``), ten times smaller in a
+stationary state late in training (``--step 200 --kappa 1``).
 
 Estimators. ``E[f]`` comes from the same compiled update: the numerator is
 affine in the momentum state, so lowering ``mu_state`` by ``(1 - b1^t) c / b1``
@@ -86,9 +88,17 @@ mean subtracts its first-order term in the gradient noise (a control variate
 with mean exactly zero), which removes much of the draw-to-draw noise and
 none of the bias.
 
+Several ``--b2`` values add an axis: the problem is rebuilt for each (the
+state of step ``t - 1``, ``E[P(s)]`` and ``u*`` all take ``b2``; the draws are
+shared), and instead of the two tables above it prints the total of a few
+variants (``B2_ROWS``) across M x b2 and their parts at one M, each row
+with ``w2``, the weight of today's batch in the second moment.
+
 Outputs in ``--out`` (default ``bias_demo_out/``): ``bias.png`` (the total
-bias against M for each correction, and the three parts at one M) and
-``bias.json`` (every number, the problem and the flags).
+bias against M for each correction, and the three parts at one M; with
+several b2, the total and the parts against ``1 - b2``) and ``bias.json``
+(every number, the problem and the flags; one record per b2 x scheme x
+correction x M).
 """
 
 import argparse
@@ -108,6 +118,10 @@ import bcopt
 SCHEMES = (None, "twofold", "symmetric", "loo")
 CORRECTIONS = (None, "jackknife", "paper")
 MICROBATCHES = (4, 8, 16, 32)
+# (scheme, correction) rows of the tables across b2: optax's Adam, each fix
+# alone, and both.
+B2_ROWS = ((None, None), (None, "jackknife"), ("loo", None),
+           ("loo", "jackknife"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +137,12 @@ class Problem:
   snr: tuple[float, float] = (0.05, 2.0)    # range of |mu_i| / sigma_i.
   sigma: tuple[float, float] = (1e-3, 1.0)  # range of sigma_i, sd of gbar_i.
   seed: int = 0         # the coordinates' order, signs and scales.
+
+  def __post_init__(self):
+    for name in ("b1", "b2"):
+      value = getattr(self, name)
+      if not 0 < value < 1:
+        raise ValueError(f"{name} must lie in (0, 1), got {value!r}.")
 
   @property
   def fresh_weights(self) -> tuple[float, float]:
@@ -232,8 +252,8 @@ def measure(
     progress: show a progress bar (on stderr).
 
   Returns:
-    One dict per configuration with ``scheme``, ``correction``, ``M`` and the
-    norms relative to ``||u*||`` of the bias ``total`` and its parts
+    One dict per configuration with ``b2``, ``w2`` (the problem's),
+    ``scheme``, ``correction``, ``M`` and the norms relative to ``||u*||`` of the bias ``total`` and its parts
     ``coupling``, ``inversion`` and ``group_size`` (exact), Monte Carlo
     errors ``total_se``, ``coupling_se``, ``inversion_se``, and ``shrink``
     (the bias along ``u*``, relative to ``||u*||^2``). A configuration bcopt
@@ -273,7 +293,8 @@ def measure(
       f_group = group_inverse(problem, pop, scheme, m)  # c f_G
       for correction in corrections:
         bar.set_description(f"M={m:<2} {scheme or 'standard'}/{correction}")
-        record = {"scheme": scheme, "correction": correction, "M": m}
+        record = {"b2": problem.b2, "w2": w2, "scheme": scheme,
+                  "correction": correction, "M": m}
         update = compiled_update(problem, scheme, correction)
         try:
           u = np.asarray(update(grads, pop.state), np.float64)
@@ -324,12 +345,14 @@ def _label(scheme, correction) -> str:
   return f"{scheme or 'standard':<10} {correction or 'none':<10}"
 
 
-def _cell(record: Optional[dict], key: str) -> str:
+def _cell(record: Optional[dict], key: str, digits: int = 2) -> str:
+  width = 12 + digits
   if record is None or "skipped" in record:
-    return f"{'-':>14}"
+    return f"{'-':>{width}}"
   if key + "_se" in record:
-    return f"{100 * record[key]:7.2f} ±{100 * record[key + '_se']:5.2f}"
-  return f"{100 * record[key]:14.2f}"
+    return (f"{100 * record[key]:7.{digits}f}"
+            f" ±{100 * record[key + '_se']:{digits + 3}.{digits}f}")
+  return f"{100 * record[key]:{width}.{digits}f}"
 
 
 def format_tables(results: list[dict], breakdown_m: int) -> str:
@@ -350,6 +373,38 @@ def format_tables(results: list[dict], breakdown_m: int) -> str:
   for row in rows:
     lines.append(_label(*row) + "".join(
         " " + _cell(by_key.get(row + (breakdown_m,)), p) for p in parts))
+  return "\n".join(lines)
+
+
+def format_b2_tables(results: list[dict], breakdown_m: int,
+                     rows: Sequence[tuple] = B2_ROWS) -> str:
+  """The total bias of ``rows`` by b2 and M, and its parts at ``breakdown_m``."""
+  b2s = list(dict.fromkeys(r["b2"] for r in results))
+  ms = sorted({r["M"] for r in results})
+  by_key = {(r["b2"], r["scheme"], r["correction"], r["M"]): r
+            for r in results}
+  w2 = {r["b2"]: r["w2"] for r in results}
+  rows = [row for row in rows
+          if any((b2,) + row + (m,) in by_key for b2 in b2s for m in ms)]
+  label = lambda b2, row: f"{b2:<6g} {w2[b2]:<7.3g} " + _label(*row)
+  header = f"{'b2':<6} {'w2':<7} {'scheme':<10} {'correction':<10}"
+  # One more digit than format_tables: late in training the biases are small.
+  lines = ["Relative bias ||E[u] - u*|| / ||u*|| in % (± Monte Carlo error)",
+           "", header + "".join(f"{'M=' + str(m):>16}" for m in ms)]
+  for b2 in b2s:
+    for row in rows:
+      lines.append(label(b2, row) + "".join(
+          " " + _cell(by_key.get((b2,) + row + (m,)), "total", 3)
+          for m in ms))
+  parts = ("total", "coupling", "inversion", "group_size", "shrink")
+  lines += ["", f"Its parts at M={breakdown_m}, % of ||u*|| (they add as"
+            " vectors; shrink < 0: E[u] is shorter than u*)", "",
+            header + "".join(f"{p.replace('_', ' '):>16}" for p in parts)]
+  for b2 in b2s:
+    for row in rows:
+      lines.append(label(b2, row) + "".join(
+          " " + _cell(by_key.get((b2,) + row + (breakdown_m,)), p, 3)
+          for p in parts))
   return "\n".join(lines)
 
 
@@ -412,6 +467,49 @@ def plot(results: list[dict], path: pathlib.Path, breakdown_m: int) -> None:
   plt.close(fig)
 
 
+def plot_b2(results: list[dict], path: pathlib.Path, breakdown_m: int,
+            rows: Sequence[tuple] = B2_ROWS) -> None:
+  """Total bias (left) and its parts (right) at one M against ``1 - b2``."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  at_m = [r for r in results if "skipped" not in r and r["M"] == breakdown_m]
+  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+  for row in rows:
+    line = sorted((r for r in at_m if (r["scheme"], r["correction"]) == row),
+                  key=lambda r: r["b2"])
+    if not line:
+      continue
+    name = f"{row[0] or 'standard'}, {row[1] or 'none'}"
+    left.errorbar([1 - r["b2"] for r in line],
+                  [100 * r["total"] for r in line],
+                  yerr=[200 * r["total_se"] for r in line], marker="o",
+                  capsize=3, label=name)
+    if row in ((None, None), ("loo", "jackknife")):
+      for part, marker in (("coupling", "s"), ("inversion", "^")):
+        right.errorbar([1 - r["b2"] for r in line],
+                       [100 * r[part] for r in line],
+                       yerr=[200 * r[part + "_se"] for r in line],
+                       marker=marker, capsize=3, label=f"{name}: {part}")
+  w2 = {r["b2"]: r["w2"] for r in at_m}
+  for ax, title in ((left, "total"), (right, "coupling and inversion parts")):
+    ax.set_xscale("log")
+    ax.set_xticks([1 - b2 for b2 in w2],
+                  [f"{b2:g}\nw2={w:.3g}" for b2, w in w2.items()])
+    ax.minorticks_off()
+    ax.set_xlabel("b2 (log scale of 1 - b2)")
+    ax.set_title(f"{title} at M={breakdown_m}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  left.set_ylabel("% of ||u*||")
+  fig.suptitle("Bias of the expected Adam update against b2"
+               " (error bars: 2 Monte Carlo errors)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   """Parses and checks the flags (argparse exits on a bad one); runs nothing."""
   parser = argparse.ArgumentParser(
@@ -433,6 +531,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="the step t whose update is measured")
   parser.add_argument("--kappa", type=float, default=Problem.kappa,
                       help="nu_state remembers kappa x today's E[gbar^2]")
+  parser.add_argument("--b2", type=float, nargs="+", default=[Problem.b2],
+                      help="Adam's b2, each in (0, 1); several add a b2 axis")
   parser.add_argument("--no-progress", action="store_true",
                       help="no progress bar")
   args = parser.parse_args(argv)
@@ -442,6 +542,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                            for m in args.microbatches):
     parser.error("--draws must be at least 2 and every M must divide the"
                  " largest.")
+  if not all(0 < b2 < 1 for b2 in args.b2):
+    parser.error(f"--b2 must lie in (0, 1), got {args.b2}.")
   return args
 
 
@@ -449,25 +551,36 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   """Parses flags, runs :func:`measure`, prints and saves the results."""
   args = parse_args(argv)
 
-  problem = Problem(step=args.step, kappa=args.kappa)
+  b2s = list(dict.fromkeys(args.b2))
+  problems = [Problem(step=args.step, kappa=args.kappa, b2=b2) for b2 in b2s]
   microbatches = sorted(set((4, 16) if args.quick else args.microbatches))
   draws = max(args.draws // 4, 2) if args.quick else args.draws
   start = time.perf_counter()
-  results = measure(problem, microbatches=microbatches, draws=draws,
-                    seed=args.seed, progress=not args.no_progress)
+  results = [r for problem in problems  # the same draws for every b2
+             for r in measure(problem, microbatches=microbatches, draws=draws,
+                              seed=args.seed, progress=not args.no_progress)]
   seconds = time.perf_counter() - start
   breakdown_m = 16 if 16 in microbatches else microbatches[-1]
 
+  problem = problems[0]
   w1, w2 = problem.fresh_weights
-  print(f"Adam (b1={problem.b1}, b2={problem.b2}) at step t={problem.step}"
-        f" (w1={w1:.2f}, w2={w2:.2f}), kappa={problem.kappa},"
+  b2_text = (f"b2={problem.b2}" if len(problems) == 1
+             else f"b2 in {{{', '.join(f'{b2:g}' for b2 in b2s)}}}")
+  w2_text = f", w2={w2:.2f}" if len(problems) == 1 else ""
+  print(f"Adam (b1={problem.b1}, {b2_text}) at step t={problem.step}"
+        f" (w1={w1:.2f}{w2_text}), kappa={problem.kappa},"
         f" d={problem.dim}; {draws} draws per configuration,"
         f" {len(results)} configurations in {seconds:.0f} s\n")
-  print(format_tables(results, breakdown_m))
   args.out.mkdir(parents=True, exist_ok=True)
-  plot(results, args.out / "bias.png", breakdown_m)
+  if len(problems) == 1:
+    print(format_tables(results, breakdown_m))
+    plot(results, args.out / "bias.png", breakdown_m)
+  else:
+    print(format_b2_tables(results, breakdown_m))
+    plot_b2(results, args.out / "bias.png", breakdown_m)
   with open(args.out / "bias.json", "w") as f:
-    json.dump({"problem": dataclasses.asdict(problem), "draws": draws,
+    json.dump({"problem": dataclasses.asdict(problem) | {
+        "b2": b2s if len(b2s) > 1 else b2s[0]}, "draws": draws,
                "seed": args.seed, "seconds": seconds, "results": results},
               f, indent=1)
   print(f"\nWrote {args.out / 'bias.png'} and {args.out / 'bias.json'}")

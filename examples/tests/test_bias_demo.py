@@ -6,7 +6,9 @@ expectations are one-dimensional integrals per coordinate), and the
 bias-meter result is asserted with margins of several Monte Carlo errors:
 cross-fitting removes the coupling bias, the jackknife removes most of the
 inversion bias, and LOO + jackknife has a smaller total bias than standard
-Adam.
+Adam. At other b2 (and steps) the Adam state and the target are checked
+against a numpy run of Adam's moment recursions and a Monte Carlo of the
+expected preconditioner, and the meter against quadrature again.
 """
 
 import importlib.util
@@ -66,14 +68,13 @@ def _quadrature(problem, mean, sigma, mu_state, nu_state, inflation):
   return expected_u, expected_f, mean_p_inverse, target, n_mean
 
 
-@pytest.fixture(scope="module")
-def reference():
-  problem = bias_demo.Problem()
+def _reference(problem, m):
+  """Quadrature of the uncorrected bias and its parts, by scheme, at M = m."""
   pop = bias_demo.population(problem)
   mu_state = np.asarray(pop.state.mu, np.float64)
   nu_state = np.asarray(pop.state.nu, np.float64)
   out = {}
-  for scheme, inflation in ((None, 1.0), ("loo", M / (M - 1)),
+  for scheme, inflation in ((None, 1.0), ("loo", m / (m - 1)),
                             ("twofold", 2.0)):
     expected_u, expected_f, f_group, target, n_mean = _quadrature(
         problem, pop.mean, pop.sigma, mu_state, nu_state, inflation)
@@ -92,20 +93,83 @@ def reference():
   return out
 
 
+@pytest.fixture(scope="module")
+def reference():
+  return _reference(bias_demo.Problem(), M)
+
+
 def test_target_is_the_closed_form(reference):
   pop = bias_demo.population(bias_demo.Problem())
   np.testing.assert_allclose(pop.target, reference[None]["target"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("scheme", [None, "loo", "twofold"])
-def test_uncorrected_bias_matches_quadrature(meter, reference, scheme):
-  measured, exact = meter[(scheme, None)], reference[scheme]
+def _assert_matches_quadrature(measured, exact):
   for part in ("total", "coupling", "inversion"):
     error = abs(measured[part] - exact[part])
     assert error < 3 * measured[part + "_se"] + 1e-4, (
         part, measured[part], exact[part], measured[part + "_se"])
   np.testing.assert_allclose(measured["group_size"], exact["group_size"],
                              rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("scheme", [None, "loo", "twofold"])
+def test_uncorrected_bias_matches_quadrature(meter, reference, scheme):
+  _assert_matches_quadrature(meter[(scheme, None)], reference[scheme])
+
+
+def _adam_moments(problem, mean, second):
+  """Adam's moments after steps 1 .. t - 1 of its recursions, from zero.
+
+  The momentum sees gradients of mean ``mean``; the second moment sees
+  ``kappa`` times today's expected square ``second``.
+  """
+  mu, nu = np.zeros_like(mean), np.zeros_like(second)
+  for _ in range(problem.step - 1):
+    mu = problem.b1 * mu + (1 - problem.b1) * mean
+    nu = problem.b2 * nu + (1 - problem.b2) * problem.kappa * second
+  return mu, nu
+
+
+@pytest.mark.parametrize("b2,step", [(0.9, 3), (0.99, 3), (0.999, 3),
+                                     (0.9, 200), (0.999, 200)])
+def test_state_and_target_at_other_b2(b2, step):
+  problem = bias_demo.Problem(b2=b2, step=step)
+  pop = bias_demo.population(problem)
+  b1, eps = problem.b1, problem.eps
+  second = pop.mean**2 + pop.sigma**2  # E[gbar^2] of N(mu, sigma^2)
+  mu_state, nu_state = _adam_moments(problem, pop.mean, second)
+  assert int(pop.state.count) == step - 1
+  np.testing.assert_allclose(pop.state.mu, mu_state, rtol=1e-6)
+  np.testing.assert_allclose(pop.state.nu, nu_state, rtol=1e-6)
+  # Step t on today's expected batch: the moments' recursion once more.
+  expected_p = (b2 * nu_state + (1 - b2) * second) / (1 - b2**step)
+  numerator = (b1 * mu_state + (1 - b1) * pop.mean) / (1 - b1**step)
+  np.testing.assert_allclose(pop.expected_p, expected_p, rtol=1e-10)
+  np.testing.assert_allclose(
+      pop.target, numerator / (np.sqrt(expected_p) + eps), rtol=1e-10)
+  np.testing.assert_allclose(numerator, pop.mean, rtol=1e-10)
+  # E[P(s)] by Monte Carlo of the full-batch mean of M = 8 microbatches.
+  atoms = np.random.default_rng(1).standard_normal((20000, 8, problem.dim))
+  gbar = bias_demo.microbatch_gradients(pop, atoms, 8).mean(
+      axis=1, dtype=np.float64)
+  p = (b2 * nu_state + (1 - b2) * gbar**2) / (1 - b2**step)
+  z = (p.mean(axis=0) - pop.expected_p) / (
+      p.std(axis=0, ddof=1) / np.sqrt(len(p)))
+  assert np.max(np.abs(z)) < 4.5, z
+
+
+@pytest.mark.parametrize("b2,step,kappa", [(0.99, 3, 2.0), (0.9, 20, 1.0)])
+def test_meter_matches_quadrature_at_other_b2(b2, step, kappa):
+  problem = bias_demo.Problem(b2=b2, step=step, kappa=kappa)
+  m = 8
+  measured = bias_demo.measure(
+      problem, microbatches=(m,), schemes=(None, "loo"), corrections=(None,),
+      draws=8192, seed=0, progress=False)
+  exact = _reference(problem, m)
+  for record in measured:
+    assert record["b2"] == b2
+    assert record["w2"] == problem.fresh_weights[1]
+    _assert_matches_quadrature(record, exact[record["scheme"]])
 
 
 def test_standard_adam_has_both_biases(meter, reference):
@@ -159,8 +223,38 @@ def test_main_writes_png_and_json(tmp_path, capsys):
   assert saved["draws"] == 64
   assert len(saved["results"]) == 12
   assert all(np.isfinite(r["total"]) for r in saved["results"])
+  assert {r["b2"] for r in saved["results"]} == {0.95}
+  assert saved["problem"]["b2"] == 0.95
   printed = capsys.readouterr().out
   assert "Relative bias" in printed and "loo" in printed
+  assert "b2=0.95" in printed and "w2 " not in printed
+
+
+def test_main_adds_a_b2_axis(tmp_path, capsys):
+  b2s = [0.9, 0.99, 0.999]
+  bias_demo.main(["--microbatches", "2", "4", "--draws", "64",
+                  "--no-progress", "--b2", *map(str, b2s),
+                  "--out", str(tmp_path)])
+  assert (tmp_path / "bias.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  saved = json.loads((tmp_path / "bias.json").read_text())
+  assert saved["problem"]["b2"] == b2s
+  results = saved["results"]
+  keys = {(r["b2"], r["scheme"], r["correction"], r["M"]) for r in results}
+  assert len(results) == len(keys) == 3 * 4 * 3 * 2
+  assert {k[0] for k in keys} == set(b2s) and {k[3] for k in keys} == {2, 4}
+  for r in results:
+    assert r["w2"] == bias_demo.Problem(b2=r["b2"]).fresh_weights[1]
+  # Each b2 has its own target, so its own (finite) numbers.
+  totals = {r["b2"]: r["total"] for r in results
+            if r["scheme"] is None and r["correction"] is None and r["M"] == 4}
+  assert all(np.isfinite(list(totals.values())))
+  assert len(set(totals.values())) == 3
+  printed = capsys.readouterr().out.splitlines()
+  rows = [line for line in printed if line[:1].isdigit()]
+  # bias_demo.B2_ROWS x b2 in each of the two tables.
+  assert len(rows) == 2 * len(bias_demo.B2_ROWS) * len(b2s)
+  assert [line.split()[0] for line in rows[:len(bias_demo.B2_ROWS)]] == (
+      ["0.9"] * len(bias_demo.B2_ROWS))
 
 
 def test_parse_args_checks_the_flags_and_runs_nothing(tmp_path, capsys):
@@ -168,7 +262,19 @@ def test_parse_args_checks_the_flags_and_runs_nothing(tmp_path, capsys):
   assert args.quick and args.draws == 8192 and args.step == 3
   assert args.microbatches == [4, 8, 16, 32]
   assert not (tmp_path / "x").exists()
+  assert args.b2 == [0.95]
+  assert bias_demo.parse_args(["--b2", "0.9", "0.999"]).b2 == [0.9, 0.999]
   for bad in (["--step", "1"], ["--microbatches", "4", "6"], ["--draws", "1"]):
     with pytest.raises(SystemExit):
       bias_demo.parse_args(bad)
     assert "must" in capsys.readouterr().err
+  for bad in (["1"], ["0"], ["0.9", "1.5"], ["-0.1"]):
+    with pytest.raises(SystemExit):
+      bias_demo.parse_args(["--b2", *bad])
+    assert "--b2 must lie in (0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("b2", [0.0, 1.0, 1.5, -0.5])
+def test_problem_rejects_b2_outside_the_unit_interval(b2):
+  with pytest.raises(ValueError, match=r"b2 must lie in \(0, 1\), got"):
+    bias_demo.Problem(b2=b2)
