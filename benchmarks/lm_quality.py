@@ -962,6 +962,80 @@ def plot(summary: dict, curves: dict, runs: list[dict], setting: Setting,
   lm_runs.save_figure(fig, path, dpi=110)
 
 
+# The docs page whose ``pays`` section is the headline of all the results.
+DOCS_PAGE = harness.ROOT / "docs" / "when_it_pays.md"
+
+
+def headline(runs: list[dict], long_runs: list[dict],
+             setting: Setting = Setting(), long: Setting = LONG) -> str:
+  """The headline of docs/when_it_pays.md: every question's paired test
+  differences (``runs`` of ``setting``, ``long_runs`` of ``long``), and the
+  monitor's averages per arm; a row whose runs are missing says so."""
+  diff = lambda p: lm_runs.fmt(p, sign="+", one=" (1 seed)")
+  improved = lambda p: "-" if p is None else f"{p['improved']}/{p['n']}"
+  rows = []
+
+  def row(question, comparison, p, pending):
+    rows.append([question, comparison,
+                 f"pending: `python -m {MODULE} {pending}`" if p is None
+                 else diff(p), improved(p)])
+
+  for label, recs, where, flag in (
+      (f"{setting.steps} steps, M = {setting.microbatches}", runs, setting,
+       ""),
+      (f"{long.steps:,} steps, M = {long.microbatches}", long_runs, long,
+       " --long")):
+    summary = summarize(recs, where)
+    fams = FAMILIES + ("soap",) if not flag else ("adamw",)
+    for family in fams:
+      for arm in ("bc",) + (("cf",) if flag else ()):
+        row(f"Does the correction beat its own optimizer? ({label})",
+            f"`{family}` {arm} - std",
+            summary.get(family, {}).get("diffs", {}).get(arm),
+            ("--families " + family if not flag else "--long").strip())
+    base = summarize_baselines(recs, where) or {"rows": []}
+    found = {(r["family"], r["arm"]): r for r in base["rows"]}
+    for family, arm in [("adopt", "std")] + (
+        [("muon", "plain"), ("muon", "adaptive"), ("soap", "bc")]
+        if not flag else []):
+      r = found.get((family, arm), {})
+      row(f"Is it better than the alternatives? ({label})",
+          f"`{OPTIMIZER.get((family, arm), family + '_bc')}` - `adamw_bc`",
+          r.get("vs_bc"), "--long" if flag else f"--families {family}")
+  proto = summarize_protocol(runs, setting) or {"pairs": {}}
+  for key, what in (("ref_bc-std_floor0", "the reference configuration"),
+                    ("ref_std-std_floor0", "its schedule alone")):
+    row("Where did the paper's gain come from?",
+        f"{what}: `{key.replace('-', '` - `')}`", proto["pairs"].get(key),
+        "--protocol")
+  share = proto.get("share")
+  rho = (summarize_rho(runs, setting) or {}).get("tuned")
+  row("Does Sophia's own tuning change it?", "`sophia` bc - std, rho tuned",
+      rho, "--sophia-rho")
+  mon = summarize_monitor(runs, setting) or []
+  num = lambda x: "-" if x is None else f"{x:.3g}"
+  mon_rows = [[m["family"], m["arm"] + "".join(f", {k} {v:g}"
+                                              for k, v in m["hparams"]),
+               m["n"], *(num(m[k]) for k in MONITOR)] for m in mon
+              if m["arm"] in MAIN_ARMS + tuple(PROTOCOL)]
+  return "\n".join([
+      "Test loss in nats/token, arm minus baseline, paired by seed, ± one "
+      "standard error; improved: seeds where the arm is lower. Tiny preset, "
+      "byte-level Shakespeare, learning rates chosen on validation "
+      "(benchmarks/RESULTS.md has every table and search).", "",
+      harness.table(["question", "comparison", "difference", "improved"],
+                    rows), "",
+      "Share of the reference configuration's gain that its schedule alone "
+      "reproduces: " + ("pending" if share is None else
+                        lm_runs.fmt(share, digits=2)
+                        + f" ({share['n']} seeds)") + ".", "",
+      "Bias monitor, run averages over the evaluations (mean over seeds; "
+      "docs/monitor.md):", "",
+      harness.table(["family", "arm", "runs", *MONITOR], mon_rows)
+      if mon_rows else "pending: `python -m benchmarks.lm_quality "
+      "--add-monitor`"])
+
+
 def report(results: pathlib.Path, setting: Setting, png: pathlib.Path,
            results_md: pathlib.Path | None, long: bool = False) -> dict:
   """Prints the section, writes the PNG and (unless None) the section
@@ -980,6 +1054,11 @@ def report(results: pathlib.Path, setting: Setting, png: pathlib.Path,
   if results_md is not None:
     harness.write_section("lm_quality_long" if long else "lm_quality",
                           section, results_md)
+    files = (harness.ROOT / RESULTS[0], results) if long else (
+        results, harness.ROOT / LONG_RESULTS[0])
+    settings = (Setting(), setting) if long else (setting, LONG)
+    harness.write_section("pays", headline(*map(load_runs, files),
+                                           *settings), DOCS_PAGE)
   return summary
 
 

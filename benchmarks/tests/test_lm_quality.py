@@ -89,6 +89,13 @@ class FakeTrainer:
             "tokens": 7 * 2048, "wall_s": 1.0, "monitor": monitor}
 
 
+@pytest.fixture(autouse=True)
+def docs_page(tmp_path, monkeypatch):
+  """The headline's docs page, written in the test's folder."""
+  monkeypatch.setattr(lq, "DOCS_PAGE", tmp_path / "when_it_pays.md")
+  return lq.DOCS_PAGE
+
+
 def run_with(trainer, results, runs_dir):
   return lambda cell: lq.run_cell(cell, SETTING, results, runs_dir,
                                   runner=trainer)
@@ -124,7 +131,7 @@ def test_the_recorded_commands_are_the_cells_commands():
   """Every committed record (superseded ones too) is what its cell would
   run now: the grid reuses them and their commands reproduce them."""
   data = committed()
-  assert len(data["runs"]) == 104
+  assert len(data["runs"]) >= 104
   for r in data["runs"] + data["superseded"]:
     setting = lq.Setting(**{k: r.get(k, getattr(lq.Setting, k)) for k in (
         "preset", "steps", "microbatches", "microbatch_size", "seq_len",
@@ -140,6 +147,13 @@ def test_the_committed_section_is_the_report_of_the_committed_records():
   text = harness.RESULTS_MD.read_text()
   assert harness.replace_section(text, "lm_quality", section) == text
   assert "Reproduce: `python -m benchmarks.lm_quality`" in section
+
+
+def test_the_docs_page_headline_is_that_of_the_committed_records():
+  long = lq.load_runs(harness.ROOT / lq.LONG_RESULTS[0])
+  page = (harness.ROOT / "docs" / "when_it_pays.md").read_text()
+  assert harness.replace_section(page, "pays", lq.headline(
+      committed()["runs"], long)) == page
 
 
 def test_cells_in_the_results_file_are_skipped(tmp_path):
@@ -617,6 +631,32 @@ def test_protocol_runs_the_reference_configuration(tmp_path, monkeypatch):
           ) in section
   assert f"{ratio:.2f} ± {se:.2f} over 3 seeds" in section
   assert "| ref_bc | 0.0045 | 0.2 | 3 |" in section
+
+
+def test_headline_of_the_docs_page(tmp_path, monkeypatch, docs_page):
+  trainer = FakeTrainer(best_lr=3e-3)
+  runs, _ = main_with(tmp_path, monkeypatch, trainer, "--families", "adamw",
+                      "--arms", "std", "bc", "--no-noise", "--protocol")
+  setting = lq.Setting(steps=7)
+  page = docs_page.read_text()   # written with RESULTS.md's section
+  assert page == lq.harness.replace_section(
+      lq.harness.RESULTS_HEADER, "pays", lq.headline(runs, [], setting,
+                                                     lq.LONG))
+  rows = {line.split(" | ")[1]: line.split(" | ")[2:]   # the first of each
+          for line in reversed(page.splitlines()) if line.startswith("| ")}
+  test = {(r["variant"], r["seed"]): r["final_eval_loss"] for r in runs
+          if r["lr"] == 3e-3 or r["variant"].startswith("ref")}
+  d = [test["bc", k] - test["std", k] for k in range(3)]   # by hand
+  assert rows["`adamw` bc - std"][0] == (
+      f"{np.mean(d):+.4f} ± {np.std(d, ddof=1) / math.sqrt(3):.4f}")
+  assert rows["`adamw` bc - std"][1] == "3/3 |"
+  d = [test["ref_std", k] - test["std_floor0", k] for k in range(3)]
+  assert rows["its schedule alone: `ref_std` - `std_floor0`"][0] == (
+      f"{np.mean(d):+.4f} ± {np.std(d, ddof=1) / math.sqrt(3):.4f}")
+  assert rows["`sophia` bc - std, rho tuned"][0] == (
+      "pending: `python -m benchmarks.lm_quality --sophia-rho`")
+  assert rows["`adamw` cf - std"][0].endswith("--long`")
+  assert "| adamw | ref_bc | 3 | 2 | 0.045 | 0.5 | - |" in page   # the fake's
 
 
 def test_monitor_averages_per_arm(tmp_path, monkeypatch):
