@@ -93,20 +93,26 @@ class Setting:
   eval_every: int = 50
   eval_batches: int = 8
   devices: int = 1
+  # Checkpoints every this many steps, so that an interrupted run resumes
+  # (lm_runs.run); 0: none (short runs start over).
+  checkpoint_every: int = 0
 
   def flags(self, floor: float = FLOOR) -> list[str]:
     """The shared flags, with the cosine schedule's ``floor``."""
     d = dataclasses.asdict(self)   # the recorded commands' order of flags
+    every = d.pop("checkpoint_every")
     return lm_runs.flags({**{k: d.pop(k) for k in list(d)[:6]},
                           "schedule": "cosine", "lr_floor": f"{floor:g}", **d,
-                          "checkpoint_every": 0, "progress": "off"})
+                          "checkpoint_every": every, "progress": "off"})
 
   def matches(self, record: dict) -> bool:
     return all(record.get(k) == getattr(self, k) for k in ("preset", *SHAPE))
 
 
-# The longer runs: 1000 steps of M = 16 (lm_quality_long.json).
-LONG = Setting(steps=1000, microbatches=16, eval_every=100)
+# The longer runs: 1000 steps of M = 16 (lm_quality_long.json), resumable
+# within a run.
+LONG = Setting(steps=1000, microbatches=16, eval_every=100,
+               checkpoint_every=100)
 
 
 def arm_flags(family: str, arm: str) -> list[str]:

@@ -837,8 +837,11 @@ def test_long_runs_the_most_important_first_and_resume(tmp_path, monkeypatch):
 
 def test_parse_args_of_the_long_runs():
   args = lq.parse_args(["--long"])
-  assert args.setting == lq.LONG == lq.Setting(steps=1000, microbatches=16,
-                                               eval_every=100)
+  assert args.setting == lq.LONG == lq.Setting(
+      steps=1000, microbatches=16, eval_every=100, checkpoint_every=100)
+  cfg = train.parse_args(lq.Cell("adamw", "bc", 3e-3, 1).command(lq.LONG)
+                         .split()[3:])   # resumable within a run
+  assert (cfg.steps, cfg.checkpoint_every) == (1000, 100)
   assert args.results == harness.RESULTS_DIR / "lm_quality_long.json"
   assert args.png == harness.RESULTS_DIR / "lm_quality_long.png"
   assert args.runs_dir == harness.ROOT / "runs" / "lm_quality_long"
