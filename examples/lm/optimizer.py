@@ -245,15 +245,21 @@ def averager(cfg: Config, name: str) -> optax.GradientTransformation:
   return getattr(bcopt, name)(**kwargs)
 
 
+def clipped(cfg: Config, kwargs: dict[str, Any]
+            ) -> list[optax.GradientTransformation]:
+  """The clip and the optimizer built with ``kwargs``: ``make``'s first
+  two transforms."""
+  return [bcopt.clip_by_global_norm(cfg.clip_norm),
+          OPTIMIZERS[cfg.optimizer].factory(
+              learning_rate(cfg), weight_decay=cfg.weight_decay,
+              mask=decay_mask, **kwargs)]
+
+
 def make(cfg: Config) -> optax.GradientTransformation:
   """clip -> optimizer (-> averages), all on microbatched gradients (a
   stacked microbatch axis, sharded or not: no ``axis_name``)."""
-  entry = OPTIMIZERS[cfg.optimizer]
-  parts = [bcopt.clip_by_global_norm(cfg.clip_norm),
-           entry.factory(learning_rate(cfg), weight_decay=cfg.weight_decay,
-                         mask=decay_mask, **optimizer_kwargs(cfg))]
-  parts += [averager(cfg, name) for name in cfg.averages]
-  return optax.chain(*parts)
+  return optax.chain(*clipped(cfg, optimizer_kwargs(cfg)),
+                     *(averager(cfg, name) for name in cfg.averages))
 
 
 def averaged_params(cfg: Config, opt_state) -> dict[str, Any]:
@@ -307,9 +313,7 @@ def monitor(cfg: Config) -> Callable[..., dict[str, jax.Array]]:
   """
   entry, kwargs = OPTIMIZERS[cfg.optimizer], monitored_kwargs(cfg)
   if kwargs is not None:
-    tx = optax.chain(bcopt.clip_by_global_norm(cfg.clip_norm), entry.factory(
-        learning_rate(cfg), weight_decay=cfg.weight_decay, mask=decay_mask,
-        **kwargs))
+    tx = optax.chain(*clipped(cfg, kwargs))
   else:   # the noise scale alone, from the microbatch statistics
     tx = bcopt.scale_by_adam_bc(cross_fit=None, inverse_correction=None,
                                 diagnostics=True)
