@@ -492,14 +492,16 @@ def main_with(tmp_path, monkeypatch, trainer, *argv):
 
 def test_baselines_search_seed_and_pair_with_adamw(tmp_path, monkeypatch):
   # ADOPT's best rate is below the grid: its search extends to bracket it.
-  trainer = FakeTrainer(best_lrs={"adopt": 1.5e-3})
+  # Muon's grid starts higher, around its best rate.
+  trainer = FakeTrainer(best_lrs={"adopt": 1.5e-3, "muon": 1.2e-2,
+                                  "muon_adaptive": 1.2e-2})
   runs, section = main_with(
       tmp_path, monkeypatch, trainer, "--families", "adamw", "soap", "adopt",
       "muon", "--no-noise", "--arms", "std", "bc", "plain", "adaptive")
   setting = lq.Setting(steps=7)
   assert {f: lq.selected_lrs(runs, setting, f) for f in lq.BASELINES} == {
       "soap": {"std": 3e-3, "bc": 3e-3}, "adopt": {"std": 1.5e-3},
-      "muon": {"plain": 3e-3, "adaptive": 3e-3}}
+      "muon": {"plain": 1.2e-2, "adaptive": 1.2e-2}}
   adopt = sorted(r["lr"] for r in runs if r["family"] == "adopt"
                  and r["seed"] == 0)
   assert adopt == [7.5e-4, 1.5e-3, 3e-3, 6e-3]
@@ -532,7 +534,7 @@ def test_baselines_search_seed_and_pair_with_adamw(tmp_path, monkeypatch):
                               base["muon_val"]["adaptive"]], [2.05, 2.04])
   assert ("| adopt | std | `adopt` | 0.0015 | 3 | 2.1210 | +0.0200 ± 0.0000 "
           "(0/3) | +0.0500 ± 0.0000 (0/3) |") in section
-  assert ("| muon | adaptive | `muon_adaptive` | 0.003 | 3 | 2.1410 | "
+  assert ("| muon | adaptive | `muon_adaptive` | 0.012 | 3 | 2.1410 | "
           "+0.0400 ± 0.0000 (0/3) | +0.0700 ± 0.0000 (0/3) |") in section
   assert "| soap | 0.003 | 0.003 |" in section          # the bc - std table
   bowl = lambda lr: f"{2.02 + math.log(lr / 1.5e-3) ** 2:.4f}"
