@@ -507,7 +507,9 @@ def mean_and_squares(updates: PyTree, mb: Microbatches
   total = sum_over_microbatches(numerics.upcast, updates,
                                 axis_name=mb.axis_name)
 
-  def squares(g):  # one dot product per microbatch: multithreaded (XLA:CPU)
+  # A batched dot product per leaf, not a sum of the stacked squares: XLA:CPU
+  # would run that reduction over all M slices in one single-threaded kernel.
+  def squares(g):
     g = numerics.upcast(g)
     axes = tuple(range(1, g.ndim))
     return jnp.sum(jax.lax.dot_general(
