@@ -159,17 +159,23 @@ def scale_by_adam_bc(
     count = optax.safe_increment(state.count)
     numerator_fn, denominator_fn = adam_terms(
         state.mu, state.nu, count, b1, b2, eps)
-    direction = crossfit.cross_fitted(
-        updates, numerator_fn, denominator_fn, mb, scheme=cross_fit,
-        inverse_correction=inverse_correction, diagnostics=diagnostics)
     measured = None
     if diagnostics:
-      direction, uncorrected, standard = direction
+      # The stored mean of the diagnostics' pass serves every use of the
+      # full-batch mean (crossfit.FullBatch): no other pass recomputes it.
       mean_sq_sum = microbatch.mean_and_squares(updates, mb)
       g_bar = mean_sq_sum[0]
+      full = crossfit.FullBatch(g_bar, crossfit.group_variance(
+          denominator_fn, updates, g_bar, mb, "all", inverse_correction))
+      direction, uncorrected, standard = crossfit.cross_fitted(
+          updates, numerator_fn, denominator_fn, mb, scheme=cross_fit,
+          inverse_correction=inverse_correction, full=full, diagnostics=True)
       measured = diagnostics_lib.measure(mb, mean_sq_sum, direction,
                                          uncorrected, standard)
     else:
+      direction = crossfit.cross_fitted(
+          updates, numerator_fn, denominator_fn, mb, scheme=cross_fit,
+          inverse_correction=inverse_correction)
       g_bar = microbatch.mean(updates, mb)
     new_state = ScaleByAdamBCState(
         count=count,

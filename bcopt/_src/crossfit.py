@@ -12,6 +12,7 @@ from typing import Any, Callable, Literal, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from bcopt._src import fusion
 from bcopt._src import inverse
 from bcopt._src import microbatch
 from bcopt._src import numerics
@@ -430,18 +431,28 @@ def cross_fitted(
     s_a, s_b = group_means(stats, "first"), group_means(stats, "second")
     g_a, g_b = (s_a, s_b) if same_stats else (
         group_means(updates, "first"), group_means(updates, "second"))
-    u = combine(numerator_fn(g_a), corrected_inverse("second", s_b))
-    u_plain = plain(g_a, s_b) if diagnostics else None
-    if scheme == "symmetric":
-      half = lambda x, y: jax.tree.map(lambda a, b: 0.5 * (a + b), x, y)
-      u = half(u, combine(numerator_fn(g_b), corrected_inverse("first", s_a)))
-      u_plain = half(u_plain, plain(g_b, s_a)) if diagnostics else None
+    half = lambda x, y: jax.tree.map(lambda a, b: 0.5 * (a + b), x, y)
     if not diagnostics:
+      u = combine(numerator_fn(g_a), corrected_inverse("second", s_b))
+      if scheme == "symmetric":
+        u = half(u, combine(numerator_fn(g_b),
+                            corrected_inverse("first", s_a)))
       return u
+    # The update and its plain version from one kernel, as the real and
+    # imaginary parts of one complex tree (fusion.packed).
+    def both(g, s, name):
+      return fusion.packed(
+          combine(numerator_fn(g), corrected_inverse(name, s)), plain(g, s))
+    pairs = both(g_a, s_b, "second")
+    if scheme == "symmetric":
+      pairs = jax.tree.map(jnp.add, pairs, both(g_b, s_a, "first"))
+    u, u_plain = fusion.apart(fusion.unpacked, pairs)
+    if scheme == "symmetric":
+      u, u_plain = (jax.tree.map(lambda x: 0.5 * x, t) for t in (u, u_plain))
     n_a, m = microbatch.group_size(mb, "first"), mb.total
     whole = lambda a, b: jax.tree.map(
         lambda x, y: (n_a * x + (m - n_a) * y) / m, a, b)
-    s_bar = whole(s_a, s_b)
+    s_bar = whole(s_a, s_b) if full is None else full.mean
     return u, u_plain, plain(s_bar if same_stats else whole(g_a, g_b), s_bar)
 
   # Leave-one-out: fold r has numerator g_r and preconditioner "all but r";
@@ -453,17 +464,27 @@ def cross_fitted(
   def fold(g_r, s_r):
     p = denominator_fn(_loo_mean(s_bar, numerics.upcast(s_r), m))
     numerator = numerator_fn(numerics.upcast(g_r))
-    u = combine(numerator, inverse.variance_correct_inverse(
+    return combine(numerator, inverse.variance_correct_inverse(
         p, variance, exponent=exponent))
-    if not diagnostics:
-      return u
-    return u, combine(numerator, inverse.variance_correct_inverse(
-        p, exponent=exponent))
 
-  total = microbatch.sum_over_microbatches(
-      fold, updates, stats, axis_name=mb.axis_name)
-  total = jax.tree.map(lambda x: x / m, total)
   if not diagnostics:
-    return total
+    total = microbatch.sum_over_microbatches(
+        fold, updates, stats, axis_name=mb.axis_name)
+    return jax.tree.map(lambda x: x / m, total)
+
+  # The corrected and the plain folds from one kernel: their sums are the
+  # parts of one complex tree (fusion.packed), split apart afterwards.
+  def fold_pair(g_r, s_r):
+    p = denominator_fn(_loo_mean(s_bar, numerics.upcast(s_r), m))
+    numerator = numerator_fn(numerics.upcast(g_r))
+    return (combine(numerator, inverse.variance_correct_inverse(
+        p, variance, exponent=exponent)),
+            combine(numerator, inverse.variance_correct_inverse(
+                p, exponent=exponent)))
+
+  total = fusion.packed(*microbatch.sum_over_microbatches(
+      fold_pair, updates, stats, axis_name=mb.axis_name))
+  u, u_plain = fusion.apart(
+      lambda t: jax.tree.map(lambda x: x / m, fusion.unpacked(t)), total)
   g_bar = s_bar if same_stats else group_means(updates, "all")
-  return (*total, plain(g_bar, s_bar))
+  return u, u_plain, plain(g_bar, s_bar)

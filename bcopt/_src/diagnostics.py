@@ -99,26 +99,27 @@ def measure(
     large, its relative error is about ``1e-7 M ||gbar||^2 / tr S``).
   """
   g_bar, square_sum = mean_sq_sum
-  # Stored: the norms are reductions over the outputs of the microbatch
-  # loops, which XLA:CPU would otherwise recompute inside single-threaded
-  # reduction kernels (fusion.stored).
-  g_bar, u, u_uncorrected, u_standard = fusion.stored(
-      (g_bar, u, u_uncorrected, u_standard))
   m = mb.total
-  mean_sq = squared_norms(g_bar)
+  # The norms are reductions: of trees written once (fusion.apart), which
+  # XLA:CPU would otherwise recompute inside single-threaded reduction
+  # kernels.
+  if u_uncorrected is None:
+    mean_sq, norms = fusion.apart(
+        lambda *t: tuple(map(squared_norms, t)), g_bar, u)
+    zeros = jax.tree.map(jnp.zeros_like, norms)
+    coupling, standard, jensen, uncorrected = zeros, norms, zeros, norms
+  else:
+    mean_sq, coupling, standard, jensen, uncorrected = fusion.apart(
+        lambda g, u, u_unc, u_std: (
+            squared_norms(g), _distances(u_unc, u_std), squared_norms(u_std),
+            _distances(u, u_unc), squared_norms(u_unc)),
+        g_bar, u, u_uncorrected, u_standard)
   trace = jax.tree.map(lambda s, q: jnp.maximum(s - m * q, 0.0) / max(m - 1, 1),
                        square_sum, mean_sq)
-  norms = squared_norms(u)
-  if u_uncorrected is None:
-    zeros = jax.tree.map(jnp.zeros_like, norms)
-    return Diagnostics(jnp.asarray(m, jnp.int32), trace, mean_sq, zeros,
-                       norms, zeros, norms)
   return Diagnostics(
       microbatches=jnp.asarray(m, jnp.int32), trace=trace, mean_sq=mean_sq,
-      coupling=_distances(u_uncorrected, u_standard),
-      standard=squared_norms(u_standard),
-      jensen=_distances(u, u_uncorrected),
-      uncorrected=squared_norms(u_uncorrected))
+      coupling=coupling, standard=standard, jensen=jensen,
+      uncorrected=uncorrected)
 
 
 def _is_state(x) -> bool:

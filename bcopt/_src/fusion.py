@@ -97,3 +97,70 @@ def per_microbatch(fn: Callable[[jax.Array], jax.Array],
     return fn(x)
   return jax.lax.platform_dependent(
       x, cpu=lambda x: jnp.stack([fn(x[j]) for j in range(m)]), default=fn)
+
+
+
+def apart(fn: Callable[..., PyTree], *args: PyTree) -> PyTree:
+  """``fn(*args)``, with ``args`` written once before ``fn`` reads them
+  (XLA:CPU only).
+
+  Like :func:`stored`, it works around XLA:CPU's lack of multi-output
+  fusion with a conditional, a fusion boundary XLA keeps: each array of
+  ``args`` is computed once by its own kernels and written, and ``fn``'s
+  kernels (reductions, slices, parts of a complex tree) read it instead of
+  recomputing it. Unlike :func:`stored`, nothing is copied: the taken
+  branch is ``fn`` itself, whose kernels write the conditional's outputs
+  (an identity branch copies its input into them, as costly as writing it
+  again). The arguments pass an optimization barrier first, so XLA cannot
+  move their last operations into the branch, where ``fn`` would cancel
+  them (the real part of a complex built there is its real input, and the
+  two kernels come back). The predicate reads no argument: computing it
+  would be one more consumer of their producers. Other backends get
+  ``fn(*args)``.
+
+  Args:
+    fn: a function of trees of arrays.
+    *args: its arguments.
+
+  Returns:
+    ``fn(*args)``.
+  """
+  def on_cpu(*a):
+    # XLA cannot fold the barrier's 1, so the conditional stays; the other
+    # branch (never taken) returns zeros.
+    one = jax.lax.optimization_barrier(jnp.int32(1))
+    zeros = lambda *x: jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, *x))
+    return jax.lax.cond(one != 0, fn, zeros,
+                        *jax.lax.optimization_barrier(a))
+
+  return jax.lax.platform_dependent(*args, cpu=on_cpu, default=fn)
+
+
+def packed(first: PyTree, second: PyTree) -> PyTree:
+  """Leaves ``first + i second``: two real trees as one complex tree.
+
+  Works around XLA:CPU's lack of multi-output fusion where one pass must
+  produce two trees from the same expensive values: the diagnostics'
+  corrected and plain updates, whose folds share the square roots and
+  divisions of every microbatch, or the sums of ``g_j`` and ``g_j^2``.
+  As two outputs they are two kernels; XLA does not duplicate expensive
+  producers into both, so it writes them out, ``M`` times the parameters
+  of fresh memory per pass for the LOO folds (the diagnostics then cost
+  6-14x the update). One complex output is one kernel that computes each
+  shared value once. Complex addition is the addition of the parts, so
+  sums of packed trees are exactly the sums of the parts; take the parts
+  with :func:`unpacked` inside :func:`apart`. The parts must be real
+  floats of one dtype (float32 or float64).
+
+  Args:
+    first, second: trees of the same structure, shapes and dtype.
+
+  Returns:
+    A complex tree.
+  """
+  return jax.tree.map(jax.lax.complex, first, second)
+
+
+def unpacked(tree: PyTree) -> tuple[PyTree, PyTree]:
+  """The two trees of :func:`packed`: real and imaginary parts."""
+  return jax.tree.map(jnp.real, tree), jax.tree.map(jnp.imag, tree)

@@ -500,19 +500,25 @@ def mean(updates: PyTree, mb: Microbatches, group: str = "all") -> PyTree:
 
 def mean_and_squares(updates: PyTree, mb: Microbatches
                      ) -> tuple[PyTree, PyTree]:
-  """:func:`mean` over all microbatches and, from the same pass, the sum
-  over microbatches of each leaf's squared norm ``sum_j ||g_j||^2`` (a
-  float32 scalar per leaf, or higher)."""
-  def term(g_j):  # elementwise: no reduction inside the loop (XLA:CPU)
-    g_j = numerics.upcast(g_j)
-    return g_j, jax.tree.map(jnp.square, g_j)
+  """:func:`mean` over all microbatches, stored (read it rather than
+  recomputing it from the microbatches), and the sum over microbatches of
+  each leaf's squared norm ``sum_j ||g_j||^2`` (a float32 scalar per leaf,
+  or higher)."""
+  total = sum_over_microbatches(numerics.upcast, updates,
+                                axis_name=mb.axis_name)
 
-  total, squares = sum_over_microbatches(term, updates,
-                                         axis_name=mb.axis_name)
-  # Stored before the reduction: XLA:CPU would reduce the M squared
-  # slices in one single-threaded kernel (fusion.stored).
-  return (jax.tree.map(lambda t: t / mb.total, total),
-          jax.tree.map(jnp.sum, fusion.stored(squares)))
+  # A batched dot product per leaf, not a sum of the stacked squares: XLA:CPU
+  # would run that reduction over all M slices in one single-threaded kernel.
+  def squares(g):
+    g = numerics.upcast(g)
+    axes = tuple(range(1, g.ndim))
+    return jnp.sum(jax.lax.dot_general(
+        g, g, ((axes, axes), ((0,), (0,))),
+        precision=jax.lax.Precision.HIGHEST))
+
+  return (fusion.apart(lambda t: jax.tree.map(lambda x: x / mb.total, t),
+                       total),
+          psum(jax.tree.map(squares, updates), mb.axis_name))
 
 
 def microbatch_mean(updates: PyTree, axis_name: Optional[str] = None) -> PyTree:
