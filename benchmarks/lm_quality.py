@@ -717,12 +717,36 @@ def summarize_monitor(runs: list[dict], setting: Setting) -> list | None:
   return rows
 
 
+def fmt_diff(p: dict | None) -> str:
+  """A paired difference ± its standard error (``lm_runs.fmt``)."""
+  return lm_runs.fmt(p, sign="+", one=" (1 seed)")
+
+
+def fmt_improved(p: dict | None) -> str:
+  """Seeds improved / seeds of a paired difference."""
+  return "-" if p is None else f"{p['improved']}/{p['n']}"
+
+
+def fmt_loss(x: float | None) -> str:
+  return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
+
+
+def monitor_table(rows: list[dict], lr: bool = True) -> str:
+  """``summarize_monitor``'s rows as a table (with each arm's rate)."""
+  num = lambda x: "-" if x is None else f"{x:.3g}"
+  return harness.table(
+      ["family", "arm", *(["lr"] if lr else []), "runs", *MONITOR],
+      [[m["family"], m["arm"] + "".join(f", {k} {v:g}"
+                                       for k, v in m["hparams"]),
+        *([f"{m['lr']:g}"] if lr else []), m["n"],
+        *(num(m[k]) for k in MONITOR)] for m in rows])
+
+
 def extra_sections(runs: list[dict], setting: Setting) -> list[str]:
   """The report's lines on the baselines, the paper's protocol, Sophia's
   rho and the bias monitor: each only once it has records."""
-  diff = lambda p: lm_runs.fmt(p, sign="+", one=" (1 seed)")
+  diff, loss = fmt_diff, fmt_loss
   vs = lambda p: "-" if p is None else f"{diff(p)} ({p['improved']}/{p['n']})"
-  loss = lambda x: "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
   pt = lambda x, v: f"{x:g}: {loss(v) if v is not None else 'diverged'}"
   lines = []
   if (base := summarize_baselines(runs, setting)) is not None:
@@ -817,15 +841,10 @@ def extra_sections(runs: list[dict], setting: Setting) -> list[str]:
                     f"{rho['arms'][a]['rho']:g}" if a in rho["arms"] else "-"
                     for a in MAIN_ARMS), rho["tuned"]))])]
   if (mon := summarize_monitor(runs, setting)) is not None:
-    num = lambda x: "-" if x is None else f"{x:.3g}"
     lines += [
         "", "Bias monitor (the example's run averages over the evaluations), "
         "mean over each arm's seeds at its chosen rate; -: not measured:", "",
-        harness.table(["family", "arm", "lr", "runs", *MONITOR], [
-            [m["family"], m["arm"] + "".join(f", {k} {v:g}"
-                                            for k, v in m["hparams"]),
-             f"{m['lr']:g}", m["n"], *(num(m[k]) for k in MONITOR)]
-            for m in mon])]
+        monitor_table(mon)]
   return lines
 
 
@@ -839,9 +858,7 @@ def report_markdown(runs: list[dict], setting: Setting, summary: dict,
   """The ``lm_quality`` section of RESULTS.md (without its markers):
   titled ``head``, naming the ``expected`` families not run yet and the
   script's ``flags`` (e.g. `` --long``) in its commands."""
-  diff = lambda p: lm_runs.fmt(p, sign="+", one=" (1 seed)")
-  improved = lambda p: "-" if p is None else f"{p['improved']}/{p['n']}"
-  loss = lambda x: "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
+  diff, improved, loss = fmt_diff, fmt_improved, fmt_loss
   sel = [r for r in runs if setting.matches(r)]
   ok = [r for r in sel if r.get("wall_s") is not None]
   if not sel:
@@ -979,8 +996,7 @@ def headline(runs: list[dict], long_runs: list[dict],
   """The headline of docs/when_it_pays.md: every question's paired test
   differences (``runs`` of ``setting``, ``long_runs`` of ``long``), and the
   monitor's averages per arm; a row whose runs are missing says so."""
-  diff = lambda p: lm_runs.fmt(p, sign="+", one=" (1 seed)")
-  improved = lambda p: "-" if p is None else f"{p['improved']}/{p['n']}"
+  diff, improved = fmt_diff, fmt_improved
   rows = []
 
   def row(question, comparison, p, pending):
@@ -1021,11 +1037,7 @@ def headline(runs: list[dict], long_runs: list[dict],
   row("Does Sophia's own tuning change it?", "`sophia` bc - std, rho tuned",
       rho, "--sophia-rho")
   mon = summarize_monitor(runs, setting) or []
-  num = lambda x: "-" if x is None else f"{x:.3g}"
-  mon_rows = [[m["family"], m["arm"] + "".join(f", {k} {v:g}"
-                                              for k, v in m["hparams"]),
-               m["n"], *(num(m[k]) for k in MONITOR)] for m in mon
-              if m["arm"] in MAIN_ARMS + tuple(PROTOCOL)]
+  mon = [m for m in mon if m["arm"] in MAIN_ARMS + tuple(PROTOCOL)]
   return "\n".join([
       "Test loss in nats/token, arm minus baseline, paired by seed, ± one "
       "standard error; improved: seeds where the arm is lower. Tiny preset, "
@@ -1039,8 +1051,7 @@ def headline(runs: list[dict], long_runs: list[dict],
                         + f" ({share['n']} seeds)") + ".", "",
       "Bias monitor, run averages over the evaluations (mean over seeds; "
       "docs/monitor.md):", "",
-      harness.table(["family", "arm", "runs", *MONITOR], mon_rows)
-      if mon_rows else "pending: `python -m benchmarks.lm_quality "
+      monitor_table(mon, lr=False) if mon else "pending: `python -m benchmarks.lm_quality "
       "--add-monitor`"])
 
 
