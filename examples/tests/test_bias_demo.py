@@ -231,7 +231,7 @@ def test_main_writes_png_and_json(tmp_path, capsys):
 
 
 def test_main_adds_a_b2_axis(tmp_path, capsys):
-  b2s = [0.9, 0.99, 0.999]
+  b2s = [0.9, 0.999]
   bias_demo.main(["--microbatches", "2", "4", "--draws", "64",
                   "--no-progress", "--b2", *map(str, b2s),
                   "--out", str(tmp_path)])
@@ -240,7 +240,7 @@ def test_main_adds_a_b2_axis(tmp_path, capsys):
   assert saved["problem"]["b2"] == b2s
   results = saved["results"]
   keys = {(r["b2"], r["scheme"], r["correction"], r["M"]) for r in results}
-  assert len(results) == len(keys) == 3 * 4 * 3 * 2
+  assert len(results) == len(keys) == 2 * 4 * 3 * 2
   assert {k[0] for k in keys} == set(b2s) and {k[3] for k in keys} == {2, 4}
   for r in results:
     assert r["w2"] == bias_demo.Problem(b2=r["b2"]).fresh_weights[1]
@@ -248,7 +248,7 @@ def test_main_adds_a_b2_axis(tmp_path, capsys):
   totals = {r["b2"]: r["total"] for r in results
             if r["scheme"] is None and r["correction"] is None and r["M"] == 4}
   assert all(np.isfinite(list(totals.values())))
-  assert len(set(totals.values())) == 3
+  assert len(set(totals.values())) == len(b2s)
   printed = capsys.readouterr().out.splitlines()
   rows = [line for line in printed if line[:1].isdigit()]
   # bias_demo.B2_ROWS x b2 in each of the two tables.

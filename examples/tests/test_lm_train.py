@@ -165,9 +165,11 @@ def test_monitor_measures_the_step_against_numpy(inputs, programs):
   b1, b2, eps = (optimizer_lib.OPTIMIZERS["adamw"].kwargs[k]
                  for k in ("b1", "b2", "eps"))
 
+  grad_fn = jax.jit(jax.grad(loss_fn))   # one microbatch at a time
+
   def clipped_grads(params, windows_MxBxT1):   # M x parameters
     g = np.stack([np.concatenate([np.asarray(x, np.float64).ravel() for x in
-                                  jax.tree.leaves(jax.grad(loss_fn)(params, w))])
+                                  jax.tree.leaves(grad_fn(params, w))])
                   for w in windows_MxBxT1])
     return g * min(1.0, cfg.clip_norm / np.linalg.norm(g.mean(0)))
 
