@@ -428,12 +428,15 @@ def quick_lrs(results: pathlib.Path, setting: Setting) -> dict:
 
 
 def run_family(family: str, setting: Setting, seeds: int, run,
-               noise: bool, arms: tuple[str, ...] | None = None) -> None:
+               noise: bool, arms: tuple[str, ...] | None = None,
+               grids: dict | None = None) -> None:
   """The learning-rate search of each of the family's ``SEARCHED`` arms
-  (always), then seeds 0 to ``seeds - 1`` of ``arms`` (default: those and
-  the ablations at bc's rate; and of the noisy main arms if ``noise``)."""
+  (always; from ``grids[arm]`` if given, else ``LR_GRID[family]``), then
+  seeds 0 to ``seeds - 1`` of ``arms`` (default: those and the ablations
+  at bc's rate; and of the noisy main arms if ``noise``)."""
   searched = SEARCHED[family]
-  lrs = {arm: choose_lr(family, arm, setting, run)[0] for arm in searched}
+  lrs = {arm: choose_lr(family, arm, setting, run, (grids or {}).get(arm))[0]
+         for arm in searched}
   log(f"{family}: chosen learning rates {lrs}")
   if arms is None:
     arms = searched + (ABLATIONS if family in FAMILIES else ())
@@ -480,12 +483,26 @@ def run_sophia_rho(setting: Setting, seeds: int, run) -> None:
       run(Cell("sophia", arm, lr, seed, hparams=hp))
 
 
+def short_grids(family: str) -> dict:
+  """{arm: factor-2 grid centred on the arm's choice in the 200-step
+  records} (the longer runs' starting grids; ``LR_GRID`` without one)."""
+  short = load_runs(harness.ROOT / RESULTS[0])
+  return {arm: halves(lr) for arm in SEARCHED[family]
+          if (lr := chosen_lr(short, Setting(), family, arm)) is not None}
+
+
 def run_long(setting: Setting, seeds: int, run) -> None:
   """The longer runs, the most important first: AdamW std and bc (searches,
-  then seeds), ADOPT (search, seeds), then AdamW cf at bc's rate."""
-  run_family("adamw", setting, seeds, run, noise=False, arms=MAIN_ARMS)
-  run_family("adopt", setting, seeds, run, noise=False)
-  run_family("adamw", setting, seeds, run, noise=False, arms=("cf",))
+  then seeds), ADOPT (search, seeds), then AdamW cf at bc's rate. Each
+  search starts from a factor-2 grid around the arm's 200-step choice and
+  extends past an edge as usual (:func:`search`)."""
+  adamw = short_grids("adamw")
+  run_family("adamw", setting, seeds, run, noise=False, arms=MAIN_ARMS,
+             grids=adamw)
+  run_family("adopt", setting, seeds, run, noise=False,
+             grids=short_grids("adopt"))
+  run_family("adamw", setting, seeds, run, noise=False, arms=("cf",),
+             grids=adamw)
 
 
 def arm_losses(runs: list[dict], setting: Setting, family: str, arm: str,
