@@ -331,9 +331,11 @@ def verify(results: pathlib.Path, runs_dir: pathlib.Path, count: int,
 
 def add_monitor(results: pathlib.Path, setting: Setting, families,
                 runs_dir: pathlib.Path, runner=None,
-                tolerance: float = REPRODUCE_TOLERANCE) -> int:
+                tolerance: float = REPRODUCE_TOLERANCE,
+                seeds: int | None = None) -> int:
   """Gives the main arms' seeded records of ``families`` (at their chosen
-  rates) that predate the bias monitor its run averages: each record's
+  rates; seeds below ``seeds`` if given, both arms' seed 0 first, then
+  seed 1, ...) that predate the bias monitor its run averages: each record's
   command is re-run, its losses must come back within ``tolerance`` (the
   monitor does not change training; older code may round differently), and
   the record gains ``monitor`` and ``monitor_rerun`` (the re-run's code and
@@ -344,25 +346,29 @@ def add_monitor(results: pathlib.Path, setting: Setting, families,
   """
   added = 0
   for family in families:
-    lrs = selected_lrs(load_runs(results), setting, family)
-    for arm in (a for a in MAIN_ARMS if a in lrs):
-      for r in select(load_runs(results), setting, family, arm, lrs[arm]):
-        if r.get("monitor") or r.get("status", "ok") != "ok":
-          continue
-        out = runs_dir / "monitor" / cell_of(r).name   # reused if finished
-        log(f"monitor {out.name} (load {os.getloadavg()[0]:.1f})")
-        s = lm_runs.run(lm_runs.argv_of(r["command"], out), runner,
-                        replace=True)
-        moved = max(abs(s[k] - r[k]) for k in LOSSES)
-        if moved > tolerance:
-          raise ValueError(f"{out.name}: the re-run's losses moved by "
-                           f"{moved:.4f} > {tolerance}; not added")
-        data = load_file(results)   # re-read: never drop what is on disk
-        i = data["runs"].index(r)
-        data["runs"][i] = {**r, "monitor": s.get("monitor"), "monitor_rerun": {
-            "code": s["benchmark"]["code"], **{k: s[k] for k in LOSSES}}}
-        harness.write_json(results, data)
-        added += 1
+    runs = load_runs(results)
+    lrs = selected_lrs(runs, setting, family)
+    todo = sorted((r for arm in MAIN_ARMS if arm in lrs
+                   for r in select(runs, setting, family, arm, lrs[arm])
+                   if seeds is None or r["seed"] < seeds),
+                  key=lambda r: (r["seed"], MAIN_ARMS.index(r["variant"])))
+    for r in todo:
+      if r.get("monitor") or r.get("status", "ok") != "ok":
+        continue
+      out = runs_dir / "monitor" / cell_of(r).name   # reused if finished
+      log(f"monitor {out.name} (load {os.getloadavg()[0]:.1f})")
+      s = lm_runs.run(lm_runs.argv_of(r["command"], out), runner,
+                      replace=True)
+      moved = max(abs(s[k] - r[k]) for k in LOSSES)
+      if moved > tolerance:
+        raise ValueError(f"{out.name}: the re-run's losses moved by "
+                         f"{moved:.4f} > {tolerance}; not added")
+      data = load_file(results)   # re-read: never drop what is on disk
+      i = data["runs"].index(r)
+      data["runs"][i] = {**r, "monitor": s.get("monitor"), "monitor_rerun": {
+          "code": s["benchmark"]["code"], **{k: s[k] for k in LOSSES}}}
+      harness.write_json(results, data)
+      added += 1
   return added
 
 
@@ -1119,7 +1125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       " 16; results/lm_quality_long.json): AdamW std, bc, ADOPT, AdamW cf")
   add("--no-noise", action="store_true", help="skip AdamW's noisy-data row")
   add("--add-monitor", action="store_true", help="re-run the --families' "
-      "main-arm seeds recorded without the bias monitor, adding its averages")
+      "main-arm seeds (below --seeds, seed by seed) recorded without the bias"
+      " monitor, adding its averages")
   add("--rerun-unversioned", action="store_true",
       help="first re-run the families' records that have no `code`")
   add("--verify", type=int, metavar="K", help="re-run K records spread over "
@@ -1177,7 +1184,8 @@ def main(argv=None, runner=None) -> None:
       n = rerun_unversioned(results, setting, families, run)
       log(f"re-ran {n} unversioned records")
     if args.add_monitor:
-      n = add_monitor(results, setting, families, args.runs_dir, runner)
+      n = add_monitor(results, setting, families, args.runs_dir, runner,
+                      seeds=args.seeds)
       log(f"added the monitor to {n} records")
       families = []
     for family in families:

@@ -328,9 +328,14 @@ def test_add_monitor_to_older_records(tmp_path):
   with pytest.raises(ValueError, match="moved by 0.0300"):
     lq.add_monitor(results, SETTING, ["adamw"], runs_dir / "a",
                    FakeTrainer(shift=0.03))
+  first = FakeTrainer(shift=0.01)   # seed 0 of both arms, std first
+  assert lq.add_monitor(results, SETTING, ["adamw"], runs_dir / "b",
+                        first, seeds=1) == 2
+  assert [(c.optimizer, c.seed) for c in map(train.parse_args, first.calls)
+          ] == [("adamw", 0), ("adamw_bc", 0)]
   rerun = FakeTrainer(shift=0.01)
   assert lq.add_monitor(results, SETTING, ["adamw"], runs_dir / "b",
-                        rerun) == 4 == len(rerun.calls)
+                        rerun) == 2 == len(rerun.calls)
   after = lq.load_runs(results)
   for arm in lq.MAIN_ARMS:   # the main arms' seeds at their chosen rates
     for r in lq.select(after, SETTING, "adamw", arm, lrs[arm]):
