@@ -279,7 +279,10 @@ def test_shampoo_root_and_other_steps_compile_apart(inputs, programs):
   for step in (1, 2, 3):   # a root step (precondition_every 10), then two
     apart, loss_apart = prog.train_steps[step == 1](apart, windows[step], KEY)
     cond, loss_cond = cond_step(cond, windows[step], KEY)
-    np.testing.assert_allclose(loss_apart, loss_cond, rtol=1e-6)
+    # The first loss comes before any update; the later ones see the
+    # parameters' differences below (1.3e-6 relative seen at step 3).
+    np.testing.assert_allclose(loss_apart, loss_cond,
+                               rtol=1e-6 if step == 1 else 1e-5)
   # The first roots of rank-deficient factors scale the momentum's
   # null-space rounding by damping^(-1/2) = 1000: parameters agree to 1e-4.
   chex.assert_trees_all_close(apart["params"], cond["params"], rtol=1e-3,
