@@ -1074,8 +1074,8 @@ def headline(runs: list[dict], long_runs: list[dict],
                         + f" ({share['n']} seeds)") + ".", "",
       "Bias monitor, run averages over the evaluations (mean over seeds; "
       "docs/monitor.md):", "",
-      monitor_table(mon, lr=False) if mon else "pending: `python -m benchmarks.lm_quality "
-      "--add-monitor`"])
+      monitor_table(mon, lr=False) if mon else
+      "pending: `python -m benchmarks.lm_quality --add-monitor`"])
 
 
 def report(results: pathlib.Path, setting: Setting, png: pathlib.Path,
